@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from . import engine
 from ._inputs import (
@@ -38,6 +39,9 @@ _GRAM_WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "affine": affine_weights,
 }
 _STATE_KEY = "gradbalance"
+# Base optimizers that get torch's fused kernel by default (a 1.6 M parameter AdamW step on this
+# CPU: ~3x faster than the default single-tensor loop; see docs/performance.md).
+_FUSED_BY_DEFAULT = (torch.optim.AdamW, torch.optim.Adam)
 
 
 class MultiObjectiveOptimizer(Optimizer):
@@ -408,4 +412,28 @@ def _build_base(
             "base must be an optimizer class; to wrap an existing optimizer pass it as the first "
             "argument: MultiObjectiveOptimizer(existing_optimizer, mode=...)"
         )
+    if base in _FUSED_BY_DEFAULT and not {"fused", "foreach"} & base_kwargs.keys():
+        params = _materialised(params)
+        if _fused_supported(params, base_kwargs.get("differentiable", False)):
+            base_kwargs = {**base_kwargs, "fused": True}
     return base(params, **base_kwargs)
+
+
+def _materialised(params: Iterable) -> list:
+    """The params argument with every generator turned into a list, so it can be read twice."""
+    items = list(params)
+    return [
+        {**item, "params": _as_list(item["params"])} if isinstance(item, dict) else item
+        for item in items
+    ]
+
+
+def _as_list(params: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def _fused_supported(params: list, differentiable: bool) -> bool:
+    """Whether torch's fused Adam(W) kernel runs on all these parameters (device and dtype)."""
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    fused, _ = _default_to_fused_or_foreach(tensors, differentiable, use_fused=True)
+    return bool(tensors) and fused

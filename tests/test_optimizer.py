@@ -466,3 +466,19 @@ def test_falls_back_to_sequential_backward_when_vmap_cannot_run():
     expected = flat_log_loss_gradients(losses(), params, [0, 0])
     direction = min_norm_weights(expected @ expected.T) @ expected
     torch.testing.assert_close(flat_grad(problem.model), direction)
+
+
+def test_adamw_base_defaults_to_the_fused_kernel_unless_told_otherwise():
+    problem = TeacherStudentProblem()
+    layer_groups = [{"params": problem.model[0].parameters()}, {"params": problem.model[2].weight}]
+    opt = MultiObjectiveOptimizer(layer_groups, lr=0.1)
+    assert opt.param_groups[0]["fused"] is True
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 1]
+    assert MultiObjectiveOptimizer(problem.model.parameters(), foreach=True).param_groups[0][
+        "fused"
+    ] in (None, False)
+    assert not MultiObjectiveOptimizer(problem.model.parameters(), fused=False).param_groups[0][
+        "fused"
+    ]
+    sgd = MultiObjectiveOptimizer(problem.model.parameters(), torch.optim.SGD, lr=0.1)
+    assert not sgd.param_groups[0].get("fused")
