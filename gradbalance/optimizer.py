@@ -215,27 +215,17 @@ class MultiObjectiveOptimizer(Optimizer):
         :func:`gradbalance.diagnostics.gradient_statistics`).
         """
         losses = stack_losses(losses)
+        if not losses.requires_grad:
+            raise ValueError(
+                "none of the losses requires grad: were they computed under torch.no_grad()?"
+            )
         params = self._trainable_params()
         with self._all_or_nothing():
             self._set_num_losses(len(losses))
             values = losses.detach().to(torch.float64)
             if self.mode == "amortized":
                 self._observe_losses(values)
-            blocks, gram = self._task_gradients_if_needed(losses, values, params, retain_graph)
-            weights = self._weights(gram)
-            eps = FAMO_EPSILON if self.mode == "amortized" else 0.0
-            coefficients = loss_coefficients(
-                weights, values - self._min_losses + eps, normalize=self.normalize
-            )
-            if blocks is None:
-                grads = engine.weighted_gradient(
-                    losses, coefficients, params, retain_graph=retain_graph
-                )
-                finite = engine.all_finite(grads)
-            else:
-                grads = engine.combine(blocks, coefficients)
-                finite = gram.isfinite().all()
-            self._raise_if_invalid(values, finite, gram)
+            grads, weights, gram = self._balanced_gradient(losses, values, params, retain_graph)
             self._backward_calls += 1
         engine.accumulate_grad(params, grads)
         self.weights = weights
@@ -297,6 +287,34 @@ class MultiObjectiveOptimizer(Optimizer):
         if self._previous_losses is not None:
             self._famo.update(self._previous_losses, values, self._min_losses)
         self._previous_losses = values
+
+    def _balanced_gradient(
+        self,
+        losses: torch.Tensor,
+        values: torch.Tensor,
+        params: list[torch.Tensor],
+        retain_graph: bool,
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor | None]:
+        """The combined gradient per parameter, π, and the Gram matrix (None if not computed).
+
+        Raises ValueError (after one host synchronisation) on invalid losses or gradients.
+        """
+        blocks, gram = self._task_gradients_if_needed(losses, values, params, retain_graph)
+        weights = self._weights(gram)
+        eps = FAMO_EPSILON if self.mode == "amortized" else 0.0
+        coefficients = loss_coefficients(
+            weights, values - self._min_losses + eps, normalize=self.normalize
+        )
+        if blocks is None:
+            grads = engine.weighted_gradient(
+                losses, coefficients, params, retain_graph=retain_graph
+            )
+            finite = engine.all_finite(grads)
+        else:
+            grads = engine.combine(blocks, coefficients)
+            finite = gram.isfinite().all()
+        self._raise_if_invalid(values, finite, gram)
+        return grads, weights, gram
 
     def _task_gradients_if_needed(
         self,

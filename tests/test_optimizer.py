@@ -371,6 +371,7 @@ BAD_INPUTS = {
     "three losses after two": (lambda losses, model: [*losses, losses[0]], "expected 2 losses"),
     "matrix of losses": (lambda losses, model: torch.stack(losses)[None], "1-D tensor"),
     "nan gradient": (lambda losses, model: [losses[0], nan_gradient_loss(model)], "non-finite"),
+    "no graph": (lambda losses, model: [loss.detach() for loss in losses], "requires grad"),
 }
 
 
