@@ -483,3 +483,27 @@ def test_adamw_base_defaults_to_the_fused_kernel_unless_told_otherwise():
     ]
     sgd = MultiObjectiveOptimizer(problem.model.parameters(), torch.optim.SGD, lr=0.1)
     assert not sgd.param_groups[0].get("fused")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_autocast_forward_gives_nearly_the_float32_weights(mode):
+    problem = TeacherStudentProblem()
+    reference = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode)
+    reference.backward(problem.losses())
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = problem.losses()
+    opt.backward(losses)
+    assert torch.allclose(opt.weights, reference.weights, atol=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in problem.model.parameters())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_parameters_train(mode):
+    problem = TeacherStudentProblem(dtype=torch.bfloat16)
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode, lr=3e-3)
+    start = [loss.item() for loss in problem.losses()]
+    train(problem, opt, 50)
+    end = [loss.item() for loss in problem.losses()]
+    assert all(p.grad.dtype == torch.bfloat16 for p in problem.model.parameters())
+    assert end[1] < start[1]
