@@ -83,6 +83,14 @@ def r_squared(z_s: Tensor, z_t: Tensor) -> float:
     return 1.0 - ((y - fit) ** 2).sum().item() / ((y - y.mean(0)) ** 2).sum().item()
 
 
+def pca_bound(seed: int) -> float:
+    """The best R² of any N_S-dim linear function of the teacher's features (top-N_S PCA)."""
+    z_t = make_teacher(seed)(torch.randn(4096, IN)).double()
+    z_t = z_t - z_t.mean(0)
+    eigenvalues = torch.linalg.eigvalsh(z_t.T @ z_t)
+    return (eigenvalues[-N_S:].sum() / eigenvalues.sum()).item()
+
+
 def run(loss_name: str, dim: int, seed: int) -> list[float]:
     """Held-out R² after each of CHECKPOINTS steps of joint student + projector training."""
     teacher = make_teacher(seed)
@@ -108,6 +116,7 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = (0, 1, 2)
     print(f"n_t={N_T} n_s={N_S} batch={BATCH} Adam lr={LR} seeds={seeds}; held-out R², mean (min)")
+    print("PCA bound per seed: " + " ".join(f"{pca_bound(seed):.3f}" for seed in seeds))
     print(f"{'loss':<11} {'dim':>4} " + " ".join(f"{f'{c} steps':>15}" for c in CHECKPOINTS))
     for dim in (N_T, 2 * N_T):
         for name in LOSSES:

@@ -1,6 +1,16 @@
 """gradbalance: balance distillation and task losses at the gradient level (MoKD / DTO-KD)."""
 
+from .losses import KDLosses, classification_losses, cross_entropy_floor, kl_distillation
 from .optimizer import MultiObjectiveOptimizer
+from .projectors import IndefiniteSubspaceProjector, VkDProjector
 
-__all__ = ["MultiObjectiveOptimizer"]
+__all__ = [
+    "IndefiniteSubspaceProjector",
+    "KDLosses",
+    "MultiObjectiveOptimizer",
+    "VkDProjector",
+    "classification_losses",
+    "cross_entropy_floor",
+    "kl_distillation",
+]
 __version__ = "0.1.0"
