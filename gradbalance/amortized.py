@@ -45,7 +45,8 @@ class FamoLogits:
         num_tasks: k.
         make_optimizer: builds the π optimizer from ``[w]`` (the paper: AdamW, lr 0.025,
             weight decay 0.01).
-        device, dtype: of w.
+        device: of w.
+        dtype: of w.
     """
 
     def __init__(

@@ -87,8 +87,9 @@ class MultiObjectiveOptimizer(Optimizer):
             combination of the raw gradients ``∇L_i`` (FAMO's scaling). Default: True in amortized
             mode (SPEC §3), False otherwise (the paper's step ``θ ← θ − η d``). Not allowed in
             affine mode, whose π can be negative.
-        pi_lr, pi_weight_decay: learning rate and weight decay of the AdamW that updates the
-            logits in amortized mode (the paper's 0.025 and 0.01).
+        pi_lr: learning rate of the AdamW that updates the logits in amortized mode (the
+            paper's 0.025).
+        pi_weight_decay: its weight decay (the paper's 0.01).
         pi_optimizer: a callable ``params -> Optimizer`` that replaces that AdamW, e.g.
             ``functools.partial(torch.optim.Adam, lr=0.025, weight_decay=0.01)`` for FAMO's code.
         stats_every: in amortized mode, also compute the per-task gradient statistics every
@@ -305,7 +306,9 @@ class MultiObjectiveOptimizer(Optimizer):
         coefficients = loss_coefficients(
             weights, values - self._min_losses + eps, normalize=self.normalize
         )
-        if blocks is None:
+        if self.mode == "amortized":
+            # Its statistics are observational: the update is always the one weighted backward,
+            # so stats_every cannot change the trajectory (combine differs in float rounding).
             grads = engine.weighted_gradient(
                 losses, coefficients, params, retain_graph=retain_graph
             )
@@ -327,7 +330,9 @@ class MultiObjectiveOptimizer(Optimizer):
         wants_stats = self.stats_every and self._backward_calls % self.stats_every == 0
         if self.mode == "amortized" and not wants_stats:
             return None, None
-        blocks = self._task_gradients(losses, params, retain_graph)
+        # Amortized statistics steps backpropagate once more for the update: keep the graph.
+        keep_graph = retain_graph or self.mode == "amortized"
+        blocks = self._task_gradients(losses, params, keep_graph)
         shifted = values - self._min_losses
         gram = engine.gram_matrix(blocks) / (shifted[:, None] * shifted[None, :])
         return blocks, gram

@@ -507,3 +507,16 @@ def test_bfloat16_parameters_train(mode):
     end = [loss.item() for loss in problem.losses()]
     assert all(p.grad.dtype == torch.bfloat16 for p in problem.model.parameters())
     assert end[1] < start[1]
+
+
+def test_amortized_statistics_do_not_change_the_trajectory():
+    trajectories = []
+    for stats_every in (0, 1):
+        problem = TeacherStudentProblem()
+        opt = MultiObjectiveOptimizer(
+            problem.model.parameters(), mode="amortized", stats_every=stats_every, lr=1e-2
+        )
+        train(problem, opt, 5)
+        trajectories.append([p.detach().clone() for p in problem.model.parameters()])
+    for without, with_stats in zip(*trajectories):
+        assert torch.equal(without, with_stats)

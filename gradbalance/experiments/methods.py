@@ -1,0 +1,219 @@
+"""The methods compared by ``gradbalance distill``: which losses each optimises, and how.
+
+Every method trains the same student with the same loop
+(:func:`gradbalance.experiments.training.train`); a :class:`Method` only chooses
+
+* the objectives: cross-entropy alone (``student``), or the paper's k = 2 grouping
+  ``[L_kl + L_feat, L_ce]`` with a feature projector (:mod:`gradbalance.losses`);
+* the update: a fixed weighted sum (of the losses or of their logarithms) stepped by AdamW, or
+  :class:`gradbalance.MultiObjectiveOptimizer` around the same AdamW.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
+from gradbalance.experiments.models import FeatureClassifier, Output
+from gradbalance.losses import classification_losses
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "METHODS",
+    "Balanced",
+    "DistillObjectives",
+    "FixedSum",
+    "Method",
+    "MethodSettings",
+    "TaskObjective",
+    "build",
+    "parse_method",
+]
+
+ProjectorKind = Literal["subspace", "vkd"]
+Balance = Literal["exact", "amortized", "affine"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to train the student.
+
+    Attributes:
+        name: as on the command line and in ``results.json``.
+        projector: feature projector of the distillation objective; ``None`` trains on the
+            labels alone (no teacher).
+        distill_weight: w in the fixed sum ``w · L_distill + L_task``.
+        log_losses: sum the logarithms instead, ``w · log L_distill + log L_task``: the gradient
+            ``w ∇L_distill / L_distill + ∇L_task / L_task`` is MoKD's un-normalised direction
+            with π fixed, an ablation of the balancing.
+        balance: mode of :class:`~gradbalance.MultiObjectiveOptimizer`; ``None`` for the fixed sum.
+    """
+
+    name: str
+    projector: ProjectorKind | None = None
+    distill_weight: float = 1.0
+    log_losses: bool = False
+    balance: Balance | None = None
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("student"),
+        Method("kd-fixed", projector="subspace"),
+        Method("kd-log", projector="subspace", log_losses=True),
+        Method("vkd", projector="vkd"),
+        Method("mokd-exact", projector="subspace", balance="exact"),
+        Method("mokd-amortized", projector="subspace", balance="amortized"),
+        Method("mokd-affine", projector="subspace", balance="affine"),
+    )
+}
+DEFAULT_METHODS = ("student", "kd-fixed", "vkd", "mokd-exact", "mokd-amortized")
+_SWEEP = re.compile(r"kd-fixed-w(?P<weight>\d+(\.\d+)?)")
+
+
+def parse_method(name: str) -> Method:
+    """A method of :data:`METHODS`, or ``kd-fixed-w<W>``: ``kd-fixed`` with distill weight W.
+
+    Raises:
+        ValueError: an unknown name, or a sweep weight that is not positive.
+    """
+    if name in METHODS:
+        return METHODS[name]
+    match = _SWEEP.fullmatch(name)
+    if match is None:
+        choices = ", ".join(METHODS)
+        raise ValueError(f"unknown method {name!r}; choose from {choices} or kd-fixed-w<weight>")
+    weight = float(match["weight"])
+    if weight <= 0:
+        raise ValueError(f"{name}: the distill weight must be > 0")
+    return Method(name, projector="subspace", distill_weight=weight)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Hyper-parameters shared by all methods.
+
+    Attributes:
+        lr, weight_decay: of the student's AdamW (wrapped or not).
+        temperature: T of the KL term.
+        stats_every: amortized mode's ``stats_every`` (per-task gradient statistics every N-th
+            step, for the plots; 0 = never).
+        normalize: the optimizer's ``normalize`` (None: its default for the mode).
+    """
+
+    lr: float
+    weight_decay: float
+    temperature: float = 1.0
+    stats_every: int = 0
+    normalize: bool | None = None
+
+
+class TaskObjective:
+    """k = 1: cross-entropy with the labels."""
+
+    def __call__(
+        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> list[torch.Tensor]:
+        return [F.cross_entropy(output.logits, labels)]
+
+
+class DistillObjectives:
+    """k = 2: ``[L_kl + L_feat, L_ce]`` against the frozen teacher run on the same inputs."""
+
+    def __init__(self, teacher: FeatureClassifier, projector: nn.Module, temperature: float):
+        self.teacher = teacher
+        self.projector = projector
+        self.temperature = temperature
+
+    def __call__(
+        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> list[torch.Tensor]:
+        with torch.no_grad():
+            target = self.teacher(inputs)
+        losses = classification_losses(
+            output.logits,
+            labels,
+            target.logits,
+            projector=self.projector,
+            student_features=output.features,
+            teacher_features=target.features,
+            temperature=self.temperature,
+        )
+        return losses.objectives("paper")
+
+
+class FixedSum:
+    """Backward of ``Σ_i w_i L_i`` (or ``Σ_i w_i log L_i``) and a step of a plain optimizer."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, weights: list[float], log: bool = False
+    ) -> None:
+        self.optimizer = optimizer
+        self.weights = weights
+        self.log = log
+
+    def __call__(self, losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad()
+        terms = [loss.log() for loss in losses] if self.log else losses
+        sum(weight * term for weight, term in zip(self.weights, terms, strict=True)).backward()
+        self.optimizer.step()
+        return {}
+
+
+class Balanced:
+    """:meth:`MultiObjectiveOptimizer.backward` on the losses and a step; returns its stats."""
+
+    def __init__(self, optimizer: MultiObjectiveOptimizer) -> None:
+        self.optimizer = optimizer
+
+    def __call__(self, losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad()
+        self.optimizer.backward(losses)
+        self.optimizer.step()
+        return self.optimizer.stats
+
+
+def build(
+    method: Method,
+    student: FeatureClassifier,
+    teacher: FeatureClassifier,
+    settings: MethodSettings,
+) -> tuple[TaskObjective | DistillObjectives, FixedSum | Balanced]:
+    """The objectives and the update of ``method`` for ``student``.
+
+    The projector (if any) is created here, after the student, on the student's device, and is
+    trained together with it by the same optimizer.
+    """
+    adamw = {"lr": settings.lr, "weight_decay": settings.weight_decay}
+    if method.projector is None:
+        return TaskObjective(), FixedSum(torch.optim.AdamW(student.parameters(), **adamw), [1.0])
+    projector = _make_projector(method.projector, teacher.feature_dim, student.feature_dim)
+    projector = projector.to(next(student.parameters()).device)
+    objectives = DistillObjectives(teacher, projector, settings.temperature)
+    params = [*student.parameters(), *projector.parameters()]
+    if method.balance is None:
+        weights = [method.distill_weight, 1.0]
+        update = FixedSum(torch.optim.AdamW(params, **adamw), weights, log=method.log_losses)
+        return objectives, update
+    stats_every = settings.stats_every if method.balance == "amortized" else 0
+    optimizer = MultiObjectiveOptimizer(
+        params,
+        mode=method.balance,
+        normalize=settings.normalize,
+        stats_every=stats_every,
+        **adamw,
+    )
+    return objectives, Balanced(optimizer)
+
+
+def _make_projector(kind: ProjectorKind, teacher_dim: int, student_dim: int) -> nn.Module:
+    if kind == "vkd":
+        return VkDProjector(teacher_dim, student_dim)
+    return IndefiniteSubspaceProjector(teacher_dim, student_dim)

@@ -1,0 +1,89 @@
+"""Teacher and student networks that expose their penultimate features.
+
+Every network is a :class:`FeatureClassifier`: a ``body`` that maps an input to a feature vector
+(the penultimate layer, which feeds the feature-distillation projector) and a linear ``head``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureClassifier", "Output", "make_student", "make_teacher"]
+
+
+class Output(NamedTuple):
+    """Penultimate features ``(B, C)`` and class logits ``(B, num_classes)``."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+class FeatureClassifier(nn.Module):
+    """``body`` (input → features) followed by a linear ``head`` (features → logits)."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = body
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        features = self.body(x)
+        return Output(features, self.head(features))
+
+
+def make_teacher(input_shape: tuple[int, ...], num_classes: int) -> FeatureClassifier:
+    """The teacher: a small CNN, 1-D for signals ``(C, L)``, 2-D for images ``(C, H, W)``."""
+    channels = input_shape[0]
+    if len(input_shape) == 2:
+        return _cnn1d(channels, input_shape[1], width=64, feature_dim=256, num_classes=num_classes)
+    return _cnn2d(channels, widths=(32, 64, 128), num_classes=num_classes)
+
+
+def make_student(input_shape: tuple[int, ...], num_classes: int) -> FeatureClassifier:
+    """The student: an MLP for signals, a narrower and shallower CNN for images."""
+    if len(input_shape) == 2:
+        return _mlp(input_shape[0] * input_shape[1], hidden=256, num_classes=num_classes)
+    return _cnn2d(input_shape[0], widths=(16, 32), num_classes=num_classes)
+
+
+def _mlp(in_features: int, hidden: int, num_classes: int) -> FeatureClassifier:
+    body = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+    )
+    return FeatureClassifier(body, hidden, num_classes)
+
+
+def _cnn1d(
+    channels: int, length: int, width: int, feature_dim: int, num_classes: int
+) -> FeatureClassifier:
+    reduced = -(-length // 4)  # two stride-2 convolutions with padding 1: ceil(ceil(L / 2) / 2)
+    body = nn.Sequential(
+        nn.Conv1d(channels, width, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.Conv1d(width, width, kernel_size=3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv1d(width, width, kernel_size=3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(width * reduced, feature_dim),
+        nn.ReLU(),
+    )
+    return FeatureClassifier(body, feature_dim, num_classes)
+
+
+def _cnn2d(channels: int, widths: tuple[int, ...], num_classes: int) -> FeatureClassifier:
+    layers: list[nn.Module] = []
+    for index, width in enumerate(widths):
+        layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width)]
+        layers += [nn.ReLU()] + ([nn.MaxPool2d(2)] if index < len(widths) - 1 else [])
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return FeatureClassifier(nn.Sequential(*layers), widths[-1], num_classes)

@@ -1,0 +1,112 @@
+"""Train the teacher once and cache it in the output folder, so that reruns skip it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradbalance.experiments.augment import Augmentation
+from gradbalance.experiments.data import Splits
+from gradbalance.experiments.methods import FixedSum, TaskObjective
+from gradbalance.experiments.models import FeatureClassifier, make_teacher
+from gradbalance.experiments.training import EpochCallback, TrainConfig, accuracy, train
+
+__all__ = [
+    "TEACHER_SEED",
+    "cache_key",
+    "load_or_train_teacher",
+    "teacher_accuracy",
+    "teacher_schedule",
+]
+
+TEACHER_SEED = 0
+# Bump when make_teacher's architecture changes, so that old caches are not loaded.
+_ARCHITECTURE_VERSION = 1
+
+
+def teacher_schedule(epochs: int) -> TrainConfig:
+    """The teacher's schedule, independent of the students': AdamW lr 3e-3, weight decay 0.05,
+    batches of 128, cosine decay over ``epochs``."""
+    return TrainConfig(epochs, batch_size=128, lr=3e-3, weight_decay=0.05)
+
+
+def cache_key(splits: Splits, config: TrainConfig, augmentation: Augmentation) -> dict[str, Any]:
+    """Everything the teacher's weights depend on; a cache with another key is retrained."""
+    return {
+        "dataset": splits.name,
+        "train_size": len(splits.y_train),
+        "data": _fingerprint(splits),
+        "input_shape": list(splits.input_shape),
+        "num_classes": splits.num_classes,
+        "config": dataclasses.asdict(config),
+        "augmentation": dataclasses.asdict(augmentation),
+        "seed": TEACHER_SEED,
+        "architecture": _ARCHITECTURE_VERSION,
+    }
+
+
+def _fingerprint(splits: Splits) -> str:
+    """SHA-256 of the training labels and of every 997th input value: tells datasets apart."""
+    digest = hashlib.sha256(splits.y_train.cpu().numpy().tobytes())
+    digest.update(splits.x_train.flatten()[::997].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_or_train_teacher(
+    splits: Splits,
+    config: TrainConfig,
+    augmentation: Augmentation,
+    cache: Path,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[FeatureClassifier, bool]:
+    """The teacher for ``splits``, from ``cache`` when it was trained with the same key.
+
+    Otherwise a fresh teacher is trained with cross-entropy (seed :data:`TEACHER_SEED`) and saved
+    to ``cache``. Returns the teacher (in eval mode, frozen, on the data's device) and whether it
+    came from the cache.
+    """
+    device = splits.x_train.device
+    key = cache_key(splits, config, augmentation)
+    torch.manual_seed(TEACHER_SEED)
+    teacher = make_teacher(splits.input_shape, splits.num_classes).to(device)
+    saved = torch.load(cache, map_location=device, weights_only=True) if cache.is_file() else None
+    cached = saved is not None and saved["key"] == key
+    if cached:
+        teacher.load_state_dict(saved["state_dict"])
+    else:
+        _fit(teacher, splits, config, augmentation, on_epoch)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "state_dict": teacher.state_dict()}, cache)
+    teacher.eval().requires_grad_(False)
+    return teacher, cached
+
+
+def teacher_accuracy(teacher: FeatureClassifier, splits: Splits) -> float:
+    """Test accuracy of the teacher."""
+    return accuracy(teacher, splits.x_test, splits.y_test)
+
+
+def _fit(
+    teacher: FeatureClassifier,
+    splits: Splits,
+    config: TrainConfig,
+    augmentation: Augmentation,
+    on_epoch: EpochCallback | None,
+) -> None:
+    optimizer = torch.optim.AdamW(
+        teacher.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    train(
+        teacher,
+        TaskObjective(),
+        FixedSum(optimizer, [1.0]),
+        splits,
+        config,
+        TEACHER_SEED,
+        augmentation,
+        on_epoch,
+    )

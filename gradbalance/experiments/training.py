@@ -1,0 +1,189 @@
+"""The one training loop shared by the teacher and every distillation method.
+
+Methods differ only in their :class:`Objectives` (which losses, grouped into which k objectives)
+and their :class:`Update` (how the k losses become a parameter step). The loop shuffles and
+augments with its own generator, so every method sees the same batches for the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from gradbalance.experiments.augment import Augmentation
+from gradbalance.experiments.data import Splits
+from gradbalance.experiments.models import FeatureClassifier, Output
+
+__all__ = [
+    "EpochCallback",
+    "History",
+    "Objectives",
+    "TrainConfig",
+    "Update",
+    "accuracy",
+    "predict",
+    "step_statistics",
+    "train",
+]
+
+_EVAL_BATCH = 1024
+_AUGMENT_SEED_OFFSET = 2**32  # keeps the augmentation streams apart from the order streams
+
+
+class Objectives(Protocol):
+    """The k losses of one batch: ``(student output, inputs, labels) → [L_1 .. L_k]``."""
+
+    def __call__(
+        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> list[torch.Tensor]: ...
+
+
+class Update(Protocol):
+    """One optimisation step from the k losses; returns the step's statistics (may be empty)."""
+
+    optimizer: torch.optim.Optimizer
+
+    def __call__(self, losses: list[torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+EpochCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Schedule of one training run: AdamW-style lr with cosine decay over all steps."""
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+
+
+@dataclass
+class History:
+    """Test accuracy after every epoch, per-step statistics, and the run's wall time.
+
+    ``steps`` maps a statistic of :func:`step_statistics` to ``{"step": [...], "value": [...]}``:
+    the optimizer steps (from 0) at which it was available, and its values there.
+    """
+
+    test_accuracy: list[float] = field(default_factory=list)
+    steps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def final_accuracy(self) -> float:
+        """Test accuracy after the last epoch (not the best epoch: no selection on test data)."""
+        return self.test_accuracy[-1]
+
+
+def train(
+    model: FeatureClassifier,
+    objectives: Objectives,
+    update: Update,
+    splits: Splits,
+    config: TrainConfig,
+    seed: int,
+    augmentation: Augmentation | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> History:
+    """Train ``model`` for ``config.epochs`` epochs and evaluate it on the test split after each.
+
+    Args:
+        model: the network being trained (its parameters, and any auxiliary module's, are in
+            ``update.optimizer``).
+        objectives: the losses of a batch.
+        update: turns the losses into a step; statistics it returns are recorded per step.
+        splits: the data, on the model's device.
+        config: the schedule.
+        seed: of the batch order and, separately, of the augmentation's random numbers, so that
+            the order does not depend on the augmentation.
+        augmentation: applied to every training batch (None: no augmentation).
+        on_epoch: called with ``(epoch, test accuracy)`` after each epoch.
+    """
+    steps_per_epoch = -(-len(splits.y_train) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        update.optimizer, T_max=config.epochs * steps_per_epoch
+    )
+    device = splits.x_train.device
+    order_generator = torch.Generator(device=device).manual_seed(seed)
+    augment_generator = torch.Generator(device=device).manual_seed(seed + _AUGMENT_SEED_OFFSET)
+    history = History()
+    recorded: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.randperm(len(splits.y_train), generator=order_generator, device=device)
+        for index in order.split(config.batch_size):
+            inputs = splits.x_train[index]
+            if augmentation is not None:
+                inputs = augmentation(inputs, augment_generator)
+            losses = objectives(model(inputs), inputs, splits.y_train[index])
+            stats = update(losses)
+            scheduler.step()
+            _record(recorded, step_statistics(losses, stats), step)
+            step += 1
+        history.test_accuracy.append(accuracy(model, splits.x_test, splits.y_test))
+        if on_epoch is not None:
+            on_epoch(epoch, history.test_accuracy[-1])
+    history.seconds = time.perf_counter() - start
+    history.steps = {
+        name: {"step": steps, "value": torch.stack(values).tolist()}
+        for name, (steps, values) in recorded.items()
+    }
+    return history
+
+
+def step_statistics(
+    losses: list[torch.Tensor], stats: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The scalars recorded after a step, from its losses and the update's statistics.
+
+    ``loss_task`` (the last loss) always; ``loss_distill`` (the first) when k ≥ 2; and, when the
+    update reports them (:attr:`gradbalance.MultiObjectiveOptimizer.stats`), ``pi_distill``
+    (π_1), ``conflict`` (GrC), ``cosine`` (cos(g_1, g_2)) and ``dominance`` (GrD).
+    """
+    scalars = {"loss_task": losses[-1]}
+    if len(losses) > 1:
+        scalars["loss_distill"] = losses[0]
+    if "weights" in stats:
+        scalars["pi_distill"] = stats["weights"][0]
+    if "gram" in stats:
+        scalars.update(
+            conflict=stats["conflict"], cosine=stats["cosine"][0, 1], dominance=stats["dominance"]
+        )
+    return scalars
+
+
+def _record(
+    recorded: dict[str, tuple[list[int], list[torch.Tensor]]],
+    scalars: dict[str, torch.Tensor],
+    step: int,
+) -> None:
+    """Append ``scalars`` at ``step`` (kept on the device until the end of training)."""
+    for name, value in scalars.items():
+        steps, values = recorded.setdefault(name, ([], []))
+        steps.append(step)
+        values.append(value.detach().double())
+
+
+@torch.no_grad()
+def predict(model: FeatureClassifier, inputs: torch.Tensor) -> Output:
+    """The model's features and logits on ``inputs`` in eval mode, computed in chunks."""
+    model.eval()
+    outputs = [model(chunk) for chunk in inputs.split(_EVAL_BATCH)]
+    return Output(
+        torch.cat([output.features for output in outputs]),
+        torch.cat([output.logits for output in outputs]),
+    )
+
+
+def accuracy(model: FeatureClassifier, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` on ``inputs``."""
+    logits = predict(model, inputs).logits
+    return (logits.argmax(dim=1) == labels).double().mean().item()

@@ -1,0 +1,173 @@
+"""``gradbalance distill`` end to end on tiny settings, and its refusal of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from test_data import write_cifar100
+
+from gradbalance import cli
+from gradbalance.cli import main
+
+TINY = ["--epochs", "2", "--teacher-epochs", "2", "--seeds", "2", "--no-progress"]
+TINY += ["--train-size", "192", "--test-size", "100", "--batch-size", "64"]
+METHODS = ["student", "kd-fixed", "vkd", "mokd-exact", "mokd-amortized", "kd-fixed-w0.5"]
+PLOTS = ["accuracy.png", "weights.png", "conflict.png", "cosine.png", "dominance.png"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, str]:
+    """One tiny MNIST-1D run with every default method plus a sweep point; (folder, stdout)."""
+    out = tmp_path_factory.mktemp("distill")
+    command = ["distill", *TINY, "--stats-every", "2", "--out", str(out), "--methods", *METHODS]
+    result = subprocess.run(
+        [sys.executable, "-m", "gradbalance.cli", *command],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_results_json_has_the_documented_schema(tiny_run):
+    out, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "mnist1d"
+    assert 0 <= results["teacher_accuracy"] <= 1
+    assert list(results["methods"]) == METHODS
+    for summary in results["methods"].values():
+        accuracies = summary["accuracies"]
+        assert len(accuracies) == 2 and all(0 <= value <= 1 for value in accuracies)
+        assert summary["accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
+        spread = abs(accuracies[0] - accuracies[1]) / 2**0.5  # sample std of two values
+        assert summary["accuracy_std"] == pytest.approx(spread)
+    assert results["command"].startswith("gradbalance distill --epochs 2")
+    assert results["seeds"] == [0, 1] and results["epochs"] == 2
+
+
+def test_history_has_curves_and_step_statistics(tiny_run):
+    out, _ = tiny_run
+    history = json.loads((out / "history.json").read_text())
+    steps_per_run = 2 * 3  # 2 epochs of 192 examples in batches of 64
+    for runs in history.values():
+        assert len(runs) == 2 and all(len(run["test_accuracy"]) == 2 for run in runs)
+    assert set(history["student"][0]["steps"]) == {"loss_task"}
+    exact = history["mokd-exact"][0]["steps"]
+    assert exact["pi_distill"]["step"] == list(range(steps_per_run))
+    assert all(0 <= value <= 1 for value in exact["pi_distill"]["value"])
+    assert len(exact["dominance"]["value"]) == steps_per_run
+    amortized = history["mokd-amortized"][0]["steps"]
+    assert amortized["pi_distill"]["step"] == list(range(steps_per_run))
+    assert amortized["conflict"]["step"] == [0, 2, 4]  # --stats-every 2
+    # FAMO starts from π = (½, ½).
+    assert amortized["pi_distill"]["value"][0] == pytest.approx(0.5)
+
+
+def test_plots_are_valid_pngs(tiny_run):
+    out, _ = tiny_run
+    for name in PLOTS:
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_table_is_printed(tiny_run):
+    _, stdout = tiny_run
+    lines = stdout.splitlines()
+    assert lines[0].startswith("mnist1d: teacher")
+    assert "accuracy" in lines[1] and "vs student" in lines[1]
+    for method in METHODS:
+        assert any(line.startswith(method + " ") for line in lines)
+    assert "results.json" in lines[-1]
+
+
+def test_rerun_loads_the_cached_teacher(tiny_run, capsys):
+    out, _ = tiny_run
+    first = json.loads((out / "results.json").read_text())
+    assert main(["distill", *TINY, "--seeds", "1", "--methods", "student", "--out", str(out)]) == 0
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["teacher_cached"] and not first["teacher_cached"]
+    assert rerun["teacher_accuracy"] == first["teacher_accuracy"]
+    assert (
+        rerun["methods"]["student"]["accuracies"] == first["methods"]["student"]["accuracies"][:1]
+    )
+    wrote = capsys.readouterr().out.splitlines()[-1]
+    assert "accuracy.png" in wrote and "weights.png" not in wrote  # no π without a mokd method
+
+
+def test_cifar100_folder_runs_end_to_end(tmp_path, capsys):
+    write_cifar100(tmp_path / "data", train=32, test=16)
+    out = tmp_path / "out"
+    argv = ["distill", "--dataset", "cifar100", "--data-dir", str(tmp_path / "data")]
+    argv += ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
+    argv += ["--methods", "student", "mokd-exact", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "cifar100"
+    assert set(results["methods"]) == {"student", "mokd-exact"}
+    assert "cifar100: teacher" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--epochs", "0"], "must be ≥ 1"),
+        (["--seeds", "two"], "expected an integer"),
+        (["--lr", "nan"], "finite"),
+        (["--temperature", "0"], "must be > 0"),
+        (["--weight-decay", "-1"], "must be ≥ 0"),
+        (["--methods", "mokd"], "unknown method 'mokd'"),
+        (["--methods", "kd-fixed-w0"], "distill weight must be > 0"),
+        (["--methods", "student", "student"], "lists a method twice"),
+        (["--dataset", "mnist"], "invalid choice"),
+        (["--dataset", "cifar100"], "needs --data-dir"),
+        (["--dataset", "cifar100", "--data-dir", "missing"], "no CIFAR-100 in missing"),
+        (["--data-dir", "."], "only used with --dataset cifar100"),
+        (["--normalize", "on", "--methods", "mokd-affine"], "mokd-affine has none"),
+        (["--normalize", "sometimes"], "invalid choice"),
+        (["--device", "cuda:99"], "CUDA"),
+        (["--device", "tpu"], "device"),
+    ],
+)
+def test_bad_input_exits_with_a_message_and_writes_nothing(tmp_path, capsys, arguments, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--out", str(out), *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_out_must_not_be_or_be_inside_a_file(tmp_path, capsys, below):
+    target = tmp_path / "results"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit):
+        main(["distill", "--out", str(target / below)])
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def test_missing_optional_packages_are_named(tmp_path, capsys, monkeypatch):
+    real_find_spec = cli.find_spec
+    monkeypatch.setattr(
+        cli, "find_spec", lambda name: None if name == "tqdm" else real_find_spec(name)
+    )
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "missing tqdm" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_subcommand_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err

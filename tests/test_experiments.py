@@ -1,0 +1,219 @@
+"""Methods, the training loop, the teacher cache and the report of ``gradbalance distill``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
+from gradbalance.experiments.augment import Augmentation
+from gradbalance.experiments.data import Splits, load_dataset
+from gradbalance.experiments.methods import (
+    METHODS,
+    Balanced,
+    FixedSum,
+    MethodSettings,
+    TaskObjective,
+    build,
+    parse_method,
+)
+from gradbalance.experiments.models import make_student, make_teacher
+from gradbalance.experiments.report import format_table, summarize
+from gradbalance.experiments.teacher import load_or_train_teacher
+from gradbalance.experiments.training import History, TrainConfig, train
+
+SETTINGS = MethodSettings(lr=1e-3, weight_decay=0.0, temperature=2.0, stats_every=3)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Splits:
+    return load_dataset("digits").subset(96, 40)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    torch.manual_seed(0)
+    return make_teacher(digits.input_shape, digits.num_classes).eval().requires_grad_(False)
+
+
+def fresh_student(digits: Splits, seed: int = 0):
+    torch.manual_seed(seed)
+    return make_student(digits.input_shape, digits.num_classes)
+
+
+def test_parse_method_knows_the_methods_and_the_sweep():
+    assert parse_method("mokd-exact") is METHODS["mokd-exact"]
+    swept = parse_method("kd-fixed-w0.25")
+    assert (swept.distill_weight, swept.projector, swept.balance) == (0.25, "subspace", None)
+    for bad in ("kd-fixed-w", "kd-fixed-w-1", "kd-fixed-w1e3", "mokd"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match="must be > 0"):
+        parse_method("kd-fixed-w0.0")
+
+
+def test_build_chooses_objectives_and_update_per_method(digits, teacher):
+    student = fresh_student(digits)
+    objectives, update = build(METHODS["student"], student, teacher, SETTINGS)
+    assert isinstance(objectives, TaskObjective) and isinstance(update, FixedSum)
+    assert update.optimizer.param_groups[0]["params"] == list(student.parameters())
+
+    objectives, update = build(parse_method("kd-fixed-w3"), student, teacher, SETTINGS)
+    assert isinstance(objectives.projector, IndefiniteSubspaceProjector)
+    assert update.weights == [3.0, 1.0]
+    optimized = update.optimizer.param_groups[0]["params"]
+    assert len(optimized) == len(list(student.parameters())) + len(
+        list(objectives.projector.parameters())
+    )
+
+    objectives, update = build(METHODS["vkd"], student, teacher, SETTINGS)
+    assert isinstance(objectives.projector, VkDProjector) and isinstance(update, FixedSum)
+
+    _, update = build(METHODS["mokd-amortized"], student, teacher, SETTINGS)
+    assert isinstance(update, Balanced) and isinstance(update.optimizer, MultiObjectiveOptimizer)
+    assert (update.optimizer.mode, update.optimizer.stats_every) == ("amortized", 3)
+    _, update = build(METHODS["mokd-exact"], student, teacher, SETTINGS)
+    assert update.optimizer.mode == "exact" and not update.optimizer.normalize
+    assert update.optimizer.param_groups[0]["lr"] == SETTINGS.lr
+
+
+def test_same_seed_gives_the_same_student_and_projector_for_every_method(digits, teacher):
+    inits = []
+    for name in ("kd-fixed", "mokd-exact", "mokd-amortized"):
+        student = fresh_student(digits, seed=4)
+        objectives, _ = build(METHODS[name], student, teacher, SETTINGS)
+        inits.append([*student.state_dict().values(), *objectives.projector.state_dict().values()])
+    for other in inits[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(inits[0], other, strict=True))
+
+
+def test_distill_objectives_are_the_papers_grouping(digits, teacher):
+    student = fresh_student(digits)
+    objectives, _ = build(METHODS["kd-fixed"], student, teacher, SETTINGS)
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    distill, task = objectives(student(x), x, y)
+    target = teacher(x)
+    output = student(x)
+    log_q = F.log_softmax(output.logits / 2, dim=1)
+    log_p = F.log_softmax(target.logits / 2, dim=1)
+    kl = 4 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    feature = objectives.projector.loss(output.features, target.features)
+    torch.testing.assert_close(distill, kl + feature)
+    torch.testing.assert_close(task, F.cross_entropy(output.logits, y))
+
+
+@pytest.mark.parametrize(("name", "log"), [("kd-fixed-w0.5", False), ("kd-log", True)])
+def test_fixed_sum_steps_on_the_weighted_gradient(digits, teacher, name, log):
+    student = fresh_student(digits)
+    objectives, update = build(parse_method(name), student, teacher, SETTINGS)
+    assert update.log == log
+    update.optimizer = torch.optim.SGD(update.optimizer.param_groups[0]["params"], lr=0.1)
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    losses = objectives(student(x), x, y)
+    weight = parse_method(name).distill_weight
+    # log: w ∇L_d / L_d + ∇L_t / L_t
+    weights = [weight / losses[0].item(), 1 / losses[1].item()] if log else [weight, 1.0]
+    total = weights[0] * losses[0] + weights[1] * losses[1]
+    expected = torch.autograd.grad(total, list(student.parameters()), retain_graph=True)
+    before = [p.detach().clone() for p in student.parameters()]
+    assert update(losses) == {}
+    for old, new, grad in zip(before, student.parameters(), expected, strict=True):
+        torch.testing.assert_close(new.detach(), old - 0.1 * grad)
+
+
+class Spy:
+    """Objectives that record the inputs and labels of every batch: CE on the labels."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def __call__(self, output, inputs, labels):
+        self.inputs.append(inputs)
+        self.labels.append(labels)
+        return [F.cross_entropy(output.logits, labels)]
+
+
+def spy_run(digits: Splits, seed: int, augmentation: Augmentation | None) -> Spy:
+    student = fresh_student(digits)
+    spy = Spy()
+    update = FixedSum(torch.optim.AdamW(student.parameters(), lr=1e-3), [1.0])
+    train(student, spy, update, digits, TrainConfig(epochs=2, batch_size=32), seed, augmentation)
+    return spy
+
+
+def test_loop_visits_every_example_once_per_epoch_in_a_seeded_order(digits):
+    first = spy_run(digits, seed=1, augmentation=None)
+    assert len(first.labels) == 2 * 3
+    for epoch in range(2):
+        labels = torch.cat(first.labels[3 * epoch : 3 * epoch + 3])
+        assert torch.equal(labels.sort().values, digits.y_train.sort().values)
+    again = spy_run(digits, seed=1, augmentation=Augmentation(max_shift=1))
+    other = spy_run(digits, seed=2, augmentation=None)
+    assert all(torch.equal(a, b) for a, b in zip(first.labels, again.labels, strict=True))
+    assert not torch.equal(torch.cat(first.labels), torch.cat(other.labels))
+    # Augmentation changes the inputs, not which examples come in which batch.
+    assert not torch.equal(torch.cat(first.inputs), torch.cat(again.inputs))
+
+
+def test_loop_records_curves_losses_and_optimizer_statistics(digits, teacher):
+    student = fresh_student(digits)
+    objectives, update = build(METHODS["mokd-amortized"], student, teacher, SETTINGS)
+    config = TrainConfig(epochs=2, batch_size=32)
+    epochs_seen = []
+    history = train(
+        student,
+        objectives,
+        update,
+        digits,
+        config,
+        seed=0,
+        on_epoch=lambda epoch, accuracy: epochs_seen.append((epoch, accuracy)),
+    )
+    assert [epoch for epoch, _ in epochs_seen] == [0, 1]
+    assert history.test_accuracy == [accuracy for _, accuracy in epochs_seen]
+    assert history.steps["loss_task"]["step"] == list(range(6))
+    assert history.steps["pi_distill"]["step"] == list(range(6))
+    assert history.steps["conflict"]["step"] == [0, 3]  # stats_every = 3
+    assert history.steps["pi_distill"]["value"][0] == pytest.approx(0.5)
+    assert history.seconds > 0
+
+
+def test_teacher_is_cached_and_retrained_when_its_settings_change(digits, tmp_path):
+    cache = tmp_path / "teacher.pt"
+    config = TrainConfig(epochs=1, batch_size=32)
+    augmentation = Augmentation(max_shift=1)
+    first, cached = load_or_train_teacher(digits, config, augmentation, cache)
+    assert not cached and cache.is_file()
+    again, cached = load_or_train_teacher(digits, config, augmentation, cache)
+    assert cached
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in again.parameters()) and not again.training
+    _, cached = load_or_train_teacher(
+        digits, TrainConfig(epochs=2, batch_size=32), augmentation, cache
+    )
+    assert not cached
+    other_data = dataclasses.replace(digits, x_train=digits.x_train + 1)
+    _, cached = load_or_train_teacher(other_data, config, augmentation, cache)
+    assert not cached
+
+
+def test_summary_and_table():
+    runs = {
+        "student": [History([0.5, 0.6], {}, 1.0), History([0.5, 0.7], {}, 3.0)],
+        "mokd-exact": [History([0.6, 0.8], {}, 2.0), History([0.6, 0.8], {}, 2.0)],
+    }
+    header = {"dataset": "digits", "seeds": [0, 1], "epochs": 2}
+    results = summarize(runs, header, teacher_accuracy=0.9)
+    student = results["methods"]["student"]
+    assert student["accuracies"] == [0.6, 0.7]
+    assert student["accuracy_mean"] == pytest.approx(0.65)
+    assert student["accuracy_std"] == pytest.approx(0.0707107, abs=1e-6)
+    assert student["seconds_mean"] == 2.0
+    table = format_table(results).splitlines()
+    assert table[0] == "digits: teacher 0.900, 2 seed(s) x 2 epochs"
+    assert table[3].split()[:5] == ["mokd-exact", "0.800", "±", "0.000", "+0.150"]
