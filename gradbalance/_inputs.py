@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,7 +59,7 @@ def as_min_losses(
 def describe_invalid_losses(values: torch.Tensor, min_losses: torch.Tensor) -> str | None:
     """A message naming the first loss that is non-finite or not above its bound, else None."""
     for index, (value, bound) in enumerate(zip(values.tolist(), min_losses.tolist(), strict=True)):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             return f"loss {index} is {value}; losses must be finite"
         if value <= bound:
             return (
@@ -71,6 +72,6 @@ def describe_invalid_losses(values: torch.Tensor, min_losses: torch.Tensor) -> s
 def describe_invalid_gram(gram: torch.Tensor) -> str:
     """A message naming the losses whose gradients are not finite."""
     diagonal = gram.diagonal().tolist()
-    bad = [i for i, value in enumerate(diagonal) if not torch.isfinite(torch.tensor(value))]
+    bad = [i for i, value in enumerate(diagonal) if not math.isfinite(value)]
     named = ", ".join(f"loss {i} (squared norm {diagonal[i]})" for i in bad) or "their products"
     return f"non-finite gradients: {named}; nothing was changed"
