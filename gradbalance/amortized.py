@@ -1,23 +1,33 @@
 """Amortized weighting (SPEC §3, FAMO by Liu et al. 2023): π from logits learned on loss decrease.
 
 No per-task gradients: π = softmax(w), and w is updated after each step so that the task whose
-log-loss decreased least gets more weight. State: the logits w ∈ R^k (initialised to 0, π = 1/k)
-and the optimizer that steps them.
+log-loss decreased least gets more weight. The state — the logits w ∈ R^k (initialised to 0,
+π = 1/k) and the moments of the small Adam(W) that steps them — is an immutable
+:class:`FamoState`; :func:`famo_update` returns a new one. Being functional lets the optimizer
+compute the next state, validate the step, and only then keep it, with no snapshot to restore.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 
-__all__ = ["FamoLogits", "log_loss_decrease", "logit_gradient"]
+__all__ = [
+    "FAMO_EPSILON",
+    "FamoHyperparameters",
+    "FamoState",
+    "famo_update",
+    "log_loss_decrease",
+    "logit_gradient",
+]
 
 # Added to L − m before every logarithm, as in FAMO, so a loss that reaches its bound stays finite.
 FAMO_EPSILON = 1e-8
 
-OptimizerFactory = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
+PiOptimizer = Literal["adamw", "adam"]
 
 
 def log_loss_decrease(
@@ -38,51 +48,96 @@ def logit_gradient(logits: torch.Tensor, decrease: torch.Tensor) -> torch.Tensor
     return weights * (decrease - (weights * decrease).sum())
 
 
-class FamoLogits:
-    """The logits w of the amortized weighting and the optimizer that updates them.
+@dataclass(frozen=True)
+class FamoHyperparameters:
+    """The π optimizer: ``"adamw"`` (decoupled weight decay, the paper) or ``"adam"`` (L2 decay
+    added to the gradient, FAMO's code); identical when ``weight_decay == 0``."""
 
-    Args:
-        num_tasks: k.
-        make_optimizer: builds the π optimizer from ``[w]`` (the paper: AdamW, lr 0.025,
-            weight decay 0.01).
-        device: of w.
-        dtype: of w.
-    """
+    lr: float = 0.025
+    weight_decay: float = 0.01
+    optimizer: PiOptimizer = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
 
-    def __init__(
-        self,
-        num_tasks: int,
-        make_optimizer: OptimizerFactory,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        self.logits = torch.zeros(num_tasks, device=device, dtype=dtype, requires_grad=True)
-        self.optimizer = make_optimizer([self.logits])
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"pi_optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+        if not self.lr >= 0 or not self.weight_decay >= 0:
+            raise ValueError(
+                f"pi_lr and pi_weight_decay must be ≥ 0, got {self.lr} and {self.weight_decay}"
+            )
+
+
+@dataclass(frozen=True)
+class FamoState:
+    """Logits w ``(k,)``, the last logit gradient, Adam moments ``(k,)`` and the step count."""
+
+    logits: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int = 0
+
+    @classmethod
+    def initial(cls, num_tasks: int, device: torch.device, dtype: torch.dtype) -> FamoState:
+        zeros = torch.zeros(num_tasks, device=device, dtype=dtype)
+        return cls(zeros, zeros, zeros, zeros)
 
     @property
     def weights(self) -> torch.Tensor:
         """π = softmax(w), ``(k,)``."""
-        return torch.softmax(self.logits.detach(), dim=0)
-
-    def update(
-        self, previous: torch.Tensor, current: torch.Tensor, min_losses: torch.Tensor
-    ) -> None:
-        """One π-optimizer step from the losses before (``previous``) and after (``current``)."""
-        decrease = log_loss_decrease(previous, current, min_losses).to(self.logits.dtype)
-        self.logits.grad = logit_gradient(self.logits.detach(), decrease)
-        self.optimizer.step()
+        return torch.softmax(self.logits, dim=0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"logits": self.logits.detach().clone(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "logits": self.logits,
+            "grad": self.grad,
+            "exp_avg": self.exp_avg,
+            "exp_avg_sq": self.exp_avg_sq,
+            "step": self.step,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        logits = state["logits"]
-        if logits.shape != self.logits.shape:
+    def load(self, state: dict[str, Any]) -> FamoState:
+        """A new state with the saved values, moved to this state's device and dtype."""
+        if state["logits"].shape != self.logits.shape:
             raise ValueError(
-                f"saved logits have shape {tuple(logits.shape)}, "
+                f"saved logits have shape {tuple(state['logits'].shape)}, "
                 f"expected {tuple(self.logits.shape)}"
             )
-        with torch.no_grad():
-            self.logits.copy_(logits)
-        self.optimizer.load_state_dict(state["optimizer"])
+        like = self.logits
+        tensors = {
+            name: state[name].to(device=like.device, dtype=like.dtype)
+            for name in ("logits", "grad", "exp_avg", "exp_avg_sq")
+        }
+        return replace(self, **tensors, step=int(state["step"]))
+
+
+def famo_update(
+    state: FamoState,
+    previous: torch.Tensor,
+    current: torch.Tensor,
+    min_losses: torch.Tensor,
+    hyper: FamoHyperparameters,
+) -> FamoState:
+    """One π-optimizer step from the losses before (``previous``) and after (``current``) a step.
+
+    Pure: returns the new state. The step is torch's Adam/AdamW on w with gradient
+    ``J_softmax(w)ᵀ δ`` (:func:`logit_gradient`): bias-corrected moments, ``eps`` added to the
+    corrected square root, weight decay decoupled (``"adamw"``) or added to the gradient
+    (``"adam"``).
+    """
+    decrease = log_loss_decrease(previous, current, min_losses).to(state.logits.dtype)
+    grad = logit_gradient(state.logits, decrease)
+    logits = state.logits
+    if hyper.optimizer == "adamw":
+        logits = logits * (1 - hyper.lr * hyper.weight_decay)
+        update_grad = grad
+    else:
+        update_grad = grad + hyper.weight_decay * state.logits
+    beta1, beta2 = hyper.betas
+    step = state.step + 1
+    exp_avg = torch.lerp(state.exp_avg, update_grad, 1 - beta1)
+    exp_avg_sq = beta2 * state.exp_avg_sq + (1 - beta2) * update_grad.square()
+    denominator = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + hyper.eps
+    logits = logits - (hyper.lr / (1 - beta1**step)) * (exp_avg / denominator)
+    return FamoState(logits, grad, exp_avg, exp_avg_sq, step)

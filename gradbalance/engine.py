@@ -1,31 +1,32 @@
-"""The gradient engine: per-task gradients, their Gram matrix, and the combined gradient.
+"""The gradient engine: per-task gradients, flat gradient buffers, the Gram matrix, the combination.
 
 A *Jacobian block* is the stack of the k per-task gradients of one parameter, shape
-``(k, *param.shape)``, or ``None`` when no loss reaches that parameter. Every function here works
-on the list of blocks, one per parameter, in the order of the parameters.
+``(k, *param.shape)``, or ``None`` when no loss reaches that parameter. :func:`task_gradients`
+produces one block per parameter; :class:`FlatGradients` lays them out in one ``(k, n)`` buffer per
+(device, dtype), computes their Gram matrix and writes the combination into ``.grad`` tensors that
+are views of one ``(n,)`` buffer, so the heavy work is a few large operations, whatever the number
+of parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
+
 __all__ = [
+    "FlatGradients",
     "accumulate_grad",
     "all_finite",
-    "combine",
     "gram_matrix",
     "task_gradients",
     "weighted_gradient",
 ]
 
 Blocks = list[torch.Tensor | None]
-
-# Elements per partial product in the Gram matrix. Each block's product is accumulated in float32
-# (fast GEMM); the blocks are summed in float64. A single float32 dot product over 1e7 elements
-# loses about 4e-3 of π when cos(g_1, g_2) ≈ 0.999; blocks of 4096 keep the error near 1e-7.
-GRAM_BLOCK_SIZE = 4096
 
 
 def task_gradients(
@@ -87,29 +88,14 @@ def weighted_gradient(
     return _gradient(total, params, retain_graph)
 
 
-def gram_matrix(blocks: Blocks, block_size: int = GRAM_BLOCK_SIZE) -> torch.Tensor:
-    """``G = J Jᵀ`` of the per-task gradients, ``(k, k)`` float64.
-
-    The flattened gradients are cut into pieces of ``block_size`` elements; each piece's k×k
-    product is computed in float32 (or the gradients' dtype if wider) and the pieces are summed in
-    float64 in a fixed order, so the result is deterministic.
-    """
-    partials = [_blockwise_gram(block, block_size) for block in blocks if block is not None]
-    if not partials:
+def gram_matrix(blocks: Blocks) -> torch.Tensor:
+    """``G = J Jᵀ`` of the per-task gradients in ``blocks``, ``(k, k)`` float64
+    (:func:`gradbalance.kernels.gram` per block, summed in float64)."""
+    present = [block for block in blocks if block is not None]
+    if not present:
         raise ValueError("no loss reaches any parameter: every per-task gradient is empty")
-    return torch.cat(partials).sum(dim=0)
-
-
-def combine(blocks: Blocks, coefficients: torch.Tensor) -> list[torch.Tensor | None]:
-    """``Σ_i c_i ∇L_i`` for every parameter, as one matrix–vector product per block."""
-    combined = []
-    for block in blocks:
-        if block is None:
-            combined.append(None)
-            continue
-        weights = coefficients.to(device=block.device, dtype=block.dtype)
-        combined.append((weights @ block.reshape(len(weights), -1)).reshape(block.shape[1:]))
-    return combined
+    grams = [kernels.gram(block.reshape(len(block), -1)) for block in present]
+    return torch.stack([gram.to(grams[0].device) for gram in grams]).sum(dim=0)
 
 
 def all_finite(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -132,6 +118,136 @@ def accumulate_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
             param.grad.add_(grad)
 
 
+@dataclass
+class _Group:
+    """Parameters of one (device, dtype, balanced) and their flat buffers."""
+
+    indices: list[int]
+    balanced: bool
+    tasks: torch.Tensor  # (k, n): row i holds ∇L_i of every parameter of the group
+    combined: torch.Tensor  # (n,): Σ_i c_i tasks[i]; the parameters' .grad are views of it
+    bounds: list[tuple[int, int]] = field(default_factory=list)  # each parameter's columns
+    task_views: list[torch.Tensor] = field(default_factory=list)  # (k, *p.shape) each
+    grad_views: list[torch.Tensor] = field(default_factory=list)  # p.shape each
+
+    def views(self, flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+        """The parameter-shaped views of an ``(n,)`` buffer laid out like ``combined``."""
+        return [
+            flat[start:end].view(shape)
+            for (start, end), shape in zip(self.bounds, shapes, strict=True)
+        ]
+
+
+class FlatGradients:
+    """Per-task gradients of a fixed list of parameters in flat buffers, and their combination.
+
+    Parameters are grouped by (device, dtype, balanced); each group owns a ``(k, n)`` buffer of
+    per-task gradients and an ``(n,)`` buffer for the combined gradient, whose views become the
+    parameters' ``.grad``. Only balanced groups enter the Gram matrix.
+
+    Args:
+        params: the parameters, in a fixed order (the order of the blocks given to :meth:`store`).
+        balanced: for each parameter, whether its gradients enter the Gram matrix.
+        num_tasks: k.
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], balanced: Sequence[bool], num_tasks: int
+    ) -> None:
+        self.params = list(params)
+        self.num_tasks = num_tasks
+        self.reached = [False] * len(self.params)
+        by_key: dict[tuple, list[int]] = {}
+        for index, (param, is_balanced) in enumerate(zip(self.params, balanced, strict=True)):
+            by_key.setdefault((param.device, param.dtype, is_balanced), []).append(index)
+        self.groups = [
+            self._group(indices, is_balanced) for (_, _, is_balanced), indices in by_key.items()
+        ]
+
+    def _group(self, indices: list[int], balanced: bool) -> _Group:
+        params = [self.params[i] for i in indices]
+        sizes = [p.numel() for p in params]
+        like = params[0]
+        group = _Group(
+            indices,
+            balanced,
+            tasks=torch.zeros(self.num_tasks, sum(sizes), device=like.device, dtype=like.dtype),
+            combined=torch.zeros(sum(sizes), device=like.device, dtype=like.dtype),
+        )
+        start = 0
+        for param, size in zip(params, sizes, strict=True):
+            group.bounds.append((start, start + size))
+            group.task_views.append(group.tasks[:, start : start + size].view(-1, *param.shape))
+            start += size
+        group.grad_views = group.views(group.combined, [p.shape for p in params])
+        return group
+
+    def store(self, blocks: Blocks, *, accumulate: bool) -> None:
+        """Copy the blocks into the task buffers (``accumulate``: add to what is there).
+
+        An unreached parameter (``None`` block) contributes zeros.
+        """
+        if not accumulate:
+            self.reached = [False] * len(self.params)
+        for group in self.groups:
+            pairs = [
+                (view, blocks[i])
+                for view, i in zip(group.task_views, group.indices, strict=True)
+                if blocks[i] is not None
+            ]
+            if not accumulate and len(pairs) < len(group.indices):
+                group.tasks.zero_()
+            if pairs:
+                views, sources = zip(*pairs, strict=True)
+                if accumulate:
+                    torch._foreach_add_(list(views), list(sources))
+                else:
+                    torch._foreach_copy_(list(views), list(sources))
+        for index, block in enumerate(blocks):
+            self.reached[index] = self.reached[index] or block is not None
+
+    @property
+    def task_buffers(self) -> list[torch.Tensor]:
+        """The ``(k, n)`` buffers, one per group (for collectives)."""
+        return [group.tasks for group in self.groups]
+
+    def gram(self) -> torch.Tensor:
+        """``(k, k)`` float64 Gram matrix of the balanced parameters' per-task gradients."""
+        grams = [kernels.gram(group.tasks) for group in self.groups if group.balanced]
+        if not grams or not any(self.reached[i] for g in self.groups for i in g.indices):
+            raise ValueError("no loss reaches any balanced parameter")
+        return torch.stack([gram.to(grams[0].device) for gram in grams]).sum(dim=0)
+
+    def write_grad(self, balanced: torch.Tensor, plain: torch.Tensor) -> None:
+        """Add ``Σ_i c_i ∇L_i`` into the ``.grad`` of every reached parameter.
+
+        ``c`` is ``balanced`` ``(k,)`` for balanced parameters and ``plain`` for the others. When
+        every reached parameter of a group has no ``.grad`` (after ``zero_grad()``) or still has
+        this buffer's view (``zero_grad(set_to_none=False)``, or no zeroing), the combination is
+        written straight into the views; ``.grad`` tensors from elsewhere get it added.
+        """
+        for group in self.groups:
+            coefficients = balanced if group.balanced else plain
+            reached = [j for j, i in enumerate(group.indices) if self.reached[i]]
+            params = [self.params[group.indices[j]] for j in reached]
+            holds_view = [
+                self.params[i].grad is view
+                for i, view in zip(group.indices, group.grad_views, strict=True)
+            ]
+            if not any(holds_view) and all(p.grad is None for p in params):
+                kernels.combine(group.tasks, coefficients, group.combined, accumulate=False)
+                for param, j in zip(params, reached, strict=True):
+                    param.grad = group.grad_views[j]
+            elif all(holds_view[j] for j in reached):
+                # Unreached parameters' columns are zero: adding them changes nothing.
+                kernels.combine(group.tasks, coefficients, group.combined, accumulate=True)
+            else:
+                fresh = torch.empty_like(group.combined)
+                kernels.combine(group.tasks, coefficients, fresh, accumulate=False)
+                views = group.views(fresh, [view.shape for view in group.grad_views])
+                accumulate_grad(params, [views[j] for j in reached])
+
+
 def _gradient(
     output: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: bool
 ) -> tuple[torch.Tensor | None, ...]:
@@ -144,21 +260,3 @@ def _stack_rows(rows: Sequence[torch.Tensor | None], param: torch.Tensor) -> tor
     if all(row is None for row in rows):
         return None
     return torch.stack([torch.zeros_like(param) if row is None else row for row in rows])
-
-
-def _blockwise_gram(block: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Partial k×k products of one parameter's gradients, ``(pieces, k, k)`` float64."""
-    k = block.shape[0]
-    flat = block.reshape(k, -1)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    n = flat.shape[1]
-    whole = n - n % block_size
-    partials = []
-    if whole:
-        pieces = flat[:, :whole].reshape(k, whole // block_size, block_size).transpose(0, 1)
-        partials.append(torch.bmm(pieces, pieces.transpose(1, 2)))
-    if whole < n or not whole:  # the remainder; also the whole of an empty parameter
-        rest = flat[:, whole:]
-        partials.append((rest @ rest.T)[None])
-    return torch.cat(partials).to(torch.float64)

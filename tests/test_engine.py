@@ -59,15 +59,14 @@ def test_a_loss_without_graph_counts_as_zero():
     torch.testing.assert_close(blocks[0][1], torch.zeros(4))
 
 
-@pytest.mark.parametrize("block_size", [1, 7, 4096])
-def test_gram_matrix_equals_the_float64_product(block_size):
+def test_gram_matrix_of_blocks_equals_the_float64_product():
     generator = torch.Generator().manual_seed(2)
     blocks = [
         torch.randn(3, *shape, generator=generator) for shape in [(5, 7), (11,), (0,), (2, 3, 4)]
     ]
     blocks.insert(1, None)
     flat = torch.cat([b.reshape(3, -1).double() for b in blocks if b is not None], dim=1)
-    gram = engine.gram_matrix(blocks, block_size=block_size)
+    gram = engine.gram_matrix(blocks)
     assert gram.dtype == torch.float64
     torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-6, atol=1e-6)
 
@@ -97,21 +96,6 @@ def test_gram_matrix_without_any_gradient_is_an_error():
         engine.gram_matrix([None, None])
 
 
-def test_combine_is_the_weighted_sum_of_rows():
-    generator = torch.Generator().manual_seed(4)
-    blocks = [
-        torch.randn(3, 4, 5, generator=generator),
-        None,
-        torch.randn(3, 2, generator=generator),
-    ]
-    coefficients = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64)
-    combined = engine.combine(blocks, coefficients)
-    assert combined[1] is None
-    for block, result in zip([blocks[0], blocks[2]], [combined[0], combined[2]]):
-        expected = torch.einsum("k,k...->...", coefficients.float(), block)
-        torch.testing.assert_close(result, expected)
-
-
 def test_weighted_gradient_equals_backward_of_the_weighted_sum():
     network = small_network()
     params = list(network.parameters())
@@ -136,3 +120,111 @@ def test_accumulate_grad_adds_like_backward():
     engine.accumulate_grad([param, other], [torch.tensor([0.5, 0.5]), None])
     torch.testing.assert_close(param.grad, torch.tensor([1.5, 2.5]))
     assert other.grad is None
+
+
+# -- FlatGradients ------------------------------------------------------------------------------
+
+
+def parameters_of_two_dtypes():
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(4, 3), (3,), (2, 2, 2), (5,)]
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float64]
+    return [
+        torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
+        for shape, dtype in zip(shapes, dtypes)
+    ]
+
+
+def random_blocks(params, k, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, *p.shape, generator=generator, dtype=p.dtype) for p in params]
+
+
+def test_flat_gradients_gram_and_grad_equal_the_per_parameter_reference():
+    params = parameters_of_two_dtypes()
+    blocks = random_blocks(params, 3, seed=6)
+    blocks[2] = None  # no loss reaches params[2]
+    flat = engine.FlatGradients(params, [True] * 4, num_tasks=3)
+    assert len(flat.groups) == 2  # float32 and float64
+    flat.store(blocks, accumulate=False)
+    jacobian = torch.cat([b.reshape(3, -1).double() for b in blocks if b is not None], dim=1)
+    # float32 parameters: float32 products within pieces of 4096, float64 sums
+    torch.testing.assert_close(flat.gram(), jacobian @ jacobian.T, rtol=1e-6, atol=1e-6)
+    coefficients = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    flat.write_grad(coefficients, coefficients)
+    for param, block in zip(params, blocks):
+        if block is None:
+            assert param.grad is None
+        else:
+            expected = torch.einsum("k,k...->...", coefficients.to(block.dtype), block)
+            torch.testing.assert_close(param.grad, expected)
+
+
+def test_flat_gradients_accumulate_micro_batches():
+    params = parameters_of_two_dtypes()
+    first, second = random_blocks(params, 2, seed=7), random_blocks(params, 2, seed=8)
+    flat = engine.FlatGradients(params, [True] * 4, num_tasks=2)
+    flat.store(first, accumulate=False)
+    flat.store(second, accumulate=True)
+    total = torch.cat([(a + b).reshape(2, -1).double() for a, b in zip(first, second)], dim=1)
+    torch.testing.assert_close(flat.gram(), total @ total.T, rtol=1e-6, atol=1e-6)
+
+
+def test_unbalanced_parameters_stay_out_of_the_gram_and_get_their_own_coefficients():
+    params = parameters_of_two_dtypes()
+    blocks = random_blocks(params, 2, seed=9)
+    balanced = [True, True, False, True]
+    flat = engine.FlatGradients(params, balanced, num_tasks=2)
+    flat.store(blocks, accumulate=False)
+    kept = torch.cat([b.reshape(2, -1).double() for b, on in zip(blocks, balanced) if on], dim=1)
+    torch.testing.assert_close(flat.gram(), kept @ kept.T, rtol=1e-6, atol=1e-6)
+    weights, plain = (torch.tensor(c, dtype=torch.float64) for c in ([0.25, 0.75], [1.0, 1.0]))
+    flat.write_grad(weights, plain)
+    for param, block, on in zip(params, blocks, balanced):
+        coefficients = (weights if on else plain).to(block.dtype)
+        torch.testing.assert_close(param.grad, torch.einsum("k,k...->...", coefficients, block))
+
+
+@pytest.mark.parametrize("zeroing", ["set_to_none", "zero_in_place", "none"])
+def test_grad_views_survive_zeroing_and_accumulate_like_backward(zeroing):
+    params = parameters_of_two_dtypes()
+    flat = engine.FlatGradients(params, [True] * 4, num_tasks=2)
+    coefficients = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    expected = [torch.zeros_like(p) for p in params]
+    for seed in (10, 11):
+        blocks = random_blocks(params, 2, seed)
+        flat.store(blocks, accumulate=False)
+        flat.write_grad(coefficients, coefficients)
+        step = [torch.einsum("k,k...->...", coefficients.to(b.dtype), b) for b in blocks]
+        expected = [e + s for e, s in zip(expected, step)]
+        if zeroing == "set_to_none":
+            views = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            expected = [torch.zeros_like(p) for p in params]
+        elif zeroing == "zero_in_place":
+            for p in params:
+                p.grad.zero_()
+            expected = [torch.zeros_like(p) for p in params]
+    if zeroing == "set_to_none":
+        flat.write_grad(coefficients, coefficients)
+        assert all(p.grad is v for p, v in zip(params, views)), "the views are reused"
+    else:
+        for param, value in zip(params, expected):
+            torch.testing.assert_close(param.grad, value)
+
+
+def test_gradients_from_elsewhere_get_the_combination_added():
+    params = parameters_of_two_dtypes()
+    foreign = [torch.ones_like(p) for p in params]
+    for param, grad in zip(params, foreign):
+        param.grad = grad
+    blocks = random_blocks(params, 2, seed=12)
+    flat = engine.FlatGradients(params, [True] * 4, num_tasks=2)
+    flat.store(blocks, accumulate=False)
+    coefficients = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    flat.write_grad(coefficients, coefficients)
+    for param, grad, block in zip(params, foreign, blocks):
+        assert param.grad is grad
+        combined = torch.einsum("k,k...->...", coefficients.to(block.dtype), block)
+        torch.testing.assert_close(param.grad, 1 + combined)

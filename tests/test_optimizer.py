@@ -114,11 +114,8 @@ def constant_losses(values, anchor):
 @pytest.mark.parametrize(
     ("pi_optimizer", "w0_after"),
     [
-        (None, [-0.025, -0.023686, -0.028707]),
-        (
-            functools.partial(torch.optim.Adam, lr=0.025, weight_decay=0.01),
-            [-0.025, -0.023463, -0.028116],
-        ),
+        ("adamw", [-0.025, -0.023686, -0.028707]),
+        ("adam", [-0.025, -0.023463, -0.028116]),
     ],
 )
 @pytest.mark.parametrize("scheme", ["next-batch", "re-forward"])
@@ -129,13 +126,13 @@ def test_amortized_logits_follow_the_spec_test_vector(pi_optimizer, w0_after, sc
     if scheme == "next-batch":
         for values in SPEC_LOSSES:
             opt.backward(constant_losses(values, anchor))
-            logits.append(opt._famo.logits.detach().clone())
+            logits.append(opt._famo.logits.clone())
         logits = logits[1:]
     else:
         for before, after in itertools.pairwise(SPEC_LOSSES):
             opt.backward(constant_losses(before, anchor))
             opt.update_weights(torch.tensor(after))
-            logits.append(opt._famo.logits.detach().clone())
+            logits.append(opt._famo.logits.clone())
     assert [w[0].item() for w in logits] == pytest.approx(w0_after, abs=2e-6)
     assert [w[1].item() for w in logits] == pytest.approx([-v for v in w0_after], abs=2e-6)
 
@@ -145,7 +142,7 @@ def test_amortized_first_logit_gradient_matches_the_spec():
     opt = MultiObjectiveOptimizer([anchor], mode="amortized")
     opt.backward(constant_losses([1.0, 2.0], anchor))
     opt.update_weights([torch.tensor(0.9), torch.tensor(1.9)])
-    assert opt._famo.logits.grad.tolist() == pytest.approx([0.013517, -0.013517], abs=1e-6)
+    assert opt._famo.grad.tolist() == pytest.approx([0.013517, -0.013517], abs=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["exact", "amortized"])
