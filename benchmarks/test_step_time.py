@@ -1,39 +1,37 @@
-"""pytest-benchmark: one training step of each workload, and the Gram matrix against a plain read.
+"""pytest-benchmark: one training step of each workload over n and k, and the Gram kernels.
 
-    python -m pytest benchmarks/ --benchmark-only --benchmark-group-by=group
+    python -m pytest benchmarks/ --benchmark-only
 
 pytest-benchmark times the workloads one after the other; for the ratios that docs/performance.md
-reports (interleaved repeats, one process) use ``python benchmarks/ratios.py``.
+reports (interleaved repeats, one process) use ``python benchmarks/ratios.py``. The default test
+run does not collect this file (``testpaths = ["tests"]``).
 """
 
+from __future__ import annotations
+
 import pytest
-import torch
-from workloads import Batch, workloads
+from workloads import WORKLOADS, Batch, gram_calls, mlp_shape
 
-from gradbalance import engine
-
-STEPS = workloads(Batch())
-
-
-@pytest.mark.benchmark(group="step: MLP 1.6M parameters, k = 2")
-@pytest.mark.parametrize("name", list(STEPS))
-def test_step(benchmark, name):
-    benchmark(STEPS[name])
+# A fixed, small number of rounds keeps the whole run at a few minutes on a 2-core CPU:
+# pytest-benchmark's own calibration would spend a second or more on each of the 47 cases.
+ROUNDS = 7
+WARMUP_ROUNDS = 2
 
 
-@pytest.mark.benchmark(group="gram: k x n float32 gradients")
-@pytest.mark.parametrize("n", [100_000, 1_000_000, 10_000_000])
+@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("n", ["1e5", "1e6"])
+def test_step(benchmark, n: str, k: int, name: str) -> None:
+    benchmark.group = f"step: MLP n ≈ {n}, k = {k}"
+    step = WORKLOADS[name](Batch(num_losses=k), **mlp_shape(float(n)))
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+
+
+@pytest.mark.parametrize("operation", ["read once", "gram", "gram + combine"])
 @pytest.mark.parametrize("k", [2, 3, 8])
-def test_gram_matrix(benchmark, k, n):
-    blocks = [torch.randn(k, n)]
-    gram = benchmark(engine.gram_matrix, blocks)
-    assert gram.shape == (k, k)
-
-
-@pytest.mark.benchmark(group="gram: k x n float32 gradients")
-@pytest.mark.parametrize("n", [100_000, 1_000_000, 10_000_000])
-@pytest.mark.parametrize("k", [2, 3, 8])
-def test_read_once(benchmark, k, n):
-    """The memory-traffic floor of any Gram computation: one read of the k·n gradients."""
-    gradients = torch.randn(k, n)
-    benchmark(gradients.sum)
+@pytest.mark.parametrize("n", ["1e5", "1e6", "1e7"])
+def test_gram(benchmark, n: str, k: int, operation: str) -> None:
+    """Gram (and Gram + combine into a preallocated buffer) against one read of the gradients."""
+    benchmark.group = f"gram: {k} x {n} float32 gradients"
+    call = gram_calls(k, int(float(n)))[operation]
+    benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)

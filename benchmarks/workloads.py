@@ -1,38 +1,83 @@
 """The step functions that the benchmarks time: one model, one batch, several ways to step.
 
 Every workload builds its own copy of the same MLP (same seed) and returns a no-argument callable
-that performs one full training step (forward, backward, optimizer step) on a fixed batch.
+that performs one full training step (forward, backward, optimizer step) on a fixed batch of k
+objectives. ``mlp_shape(n)`` gives the MLP of about ``n`` parameters used for the scaling tables;
+``gram_calls`` the kernel-level operations timed against one read of the gradients.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from gradbalance import MultiObjectiveOptimizer
+from gradbalance import MultiObjectiveOptimizer, kernels
 
 Step = Callable[[], None]
 
+FEATURES = 512
+CLASSES = 10
+
+ADAMW = "adamw (summed loss)"
+AMORTIZED = "gradbalance amortized"
+EXACT = "gradbalance exact"
+EXACT_HIDDEN = "gradbalance exact, hidden layers only"
+TORCHJD = "torchjd MGDA"
+
 
 class Batch:
-    """A fixed batch for a two-objective problem: MSE to a target (distill) and CE (task)."""
+    """A fixed batch for k objectives: MSE to a target (distill), CE (task), then k − 2 more MSEs.
 
-    def __init__(self, features: int = 512, classes: int = 10, size: int = 256) -> None:
+    The extra MSE losses pull the outputs towards other fixed random targets, drawn after the
+    first two objectives' data so that k = 2 is exactly the original two-loss batch.
+    """
+
+    def __init__(
+        self, num_losses: int = 2, features: int = FEATURES, classes: int = CLASSES, size: int = 256
+    ) -> None:
+        if num_losses < 2:
+            raise ValueError(f"a multi-objective batch needs at least 2 losses, got {num_losses}")
         generator = torch.Generator().manual_seed(0)
         self.inputs = torch.randn(size, features, generator=generator)
-        self.targets = torch.randn(size, classes, generator=generator)
+        first_target = torch.randn(size, classes, generator=generator)
         self.labels = torch.randint(0, classes, (size,), generator=generator)
+        self.targets = [first_target] + [
+            torch.randn(size, classes, generator=generator) for _ in range(num_losses - 2)
+        ]
 
     def losses(self, model: torch.nn.Module) -> list[torch.Tensor]:
         outputs = model(self.inputs)
-        return [F.mse_loss(outputs, self.targets), F.cross_entropy(outputs, self.labels)]
+        distill, *extra = (F.mse_loss(outputs, target) for target in self.targets)
+        return [distill, F.cross_entropy(outputs, self.labels), *extra]
+
+
+def parameter_count(
+    width: int, depth: int, features: int = FEATURES, classes: int = CLASSES
+) -> int:
+    """Weights and biases of ``mlp(width, depth, features, classes)``."""
+    hidden = (features + 1) * width + (depth - 1) * (width + 1) * width
+    return hidden + (width + 1) * classes
+
+
+def mlp_shape(n: float, depth: int = 2) -> dict[str, int]:
+    """``mlp`` keyword arguments for about ``n`` parameters: the width that comes closest.
+
+    The depth stays fixed (2, as in the 1.6 M step table) so that only n changes from one size to
+    the next: the number of parameter tensors, which sets the per-tensor launches, is the same.
+    """
+    widths = range(1, int(n) + 1)
+    above = bisect.bisect_left(widths, n, key=lambda width: parameter_count(width, depth))
+    candidates = widths[max(above - 1, 0) : above + 1]
+    width = min(candidates, key=lambda width: abs(parameter_count(width, depth) - n))
+    return {"width": width, "depth": depth}
 
 
 def mlp(
-    width: int = 1024, depth: int = 2, features: int = 512, classes: int = 10
-) -> torch.nn.Module:
+    width: int = 1024, depth: int = 2, features: int = FEATURES, classes: int = CLASSES
+) -> torch.nn.Sequential:
     """``depth`` hidden layers of ``width`` units; width 1024, depth 2 is 1.6 M parameters."""
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = []
@@ -44,7 +89,7 @@ def mlp(
     return torch.nn.Sequential(*layers)
 
 
-def plain_adamw(batch: Batch, **model_kwargs) -> Step:
+def plain_adamw(batch: Batch, **model_kwargs: int) -> Step:
     """The baseline: AdamW on the summed loss (fused, as gradbalance's default base)."""
     model = mlp(**model_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -57,10 +102,9 @@ def plain_adamw(batch: Batch, **model_kwargs) -> Step:
     return step
 
 
-def gradbalance_step(batch: Batch, mode: str, **model_kwargs) -> Step:
-    model = mlp(**model_kwargs)
-    optimizer = MultiObjectiveOptimizer(model.parameters(), mode=mode, lr=1e-4, fused=True)
-
+def _gradbalance_step(
+    batch: Batch, model: torch.nn.Module, optimizer: MultiObjectiveOptimizer
+) -> Step:
     def step() -> None:
         optimizer.zero_grad()
         optimizer.backward(batch.losses(model))
@@ -69,7 +113,30 @@ def gradbalance_step(batch: Batch, mode: str, **model_kwargs) -> Step:
     return step
 
 
-def torchjd_mgda(batch: Batch, **model_kwargs) -> Step:
+def gradbalance_amortized(batch: Batch, **model_kwargs: int) -> Step:
+    model = mlp(**model_kwargs)
+    optimizer = MultiObjectiveOptimizer(model.parameters(), mode="amortized", lr=1e-4, fused=True)
+    return _gradbalance_step(batch, model, optimizer)
+
+
+def gradbalance_exact(batch: Batch, **model_kwargs: int) -> Step:
+    model = mlp(**model_kwargs)
+    optimizer = MultiObjectiveOptimizer(model.parameters(), mode="exact", lr=1e-4, fused=True)
+    return _gradbalance_step(batch, model, optimizer)
+
+
+def gradbalance_exact_hidden(batch: Batch, **model_kwargs: int) -> Step:
+    """Exact mode with the output layer left out of the Gram matrix (``"balance": False``)."""
+    model = mlp(**model_kwargs)
+    groups = [
+        {"params": model[:-1].parameters()},
+        {"params": model[-1].parameters(), "balance": False},
+    ]
+    optimizer = MultiObjectiveOptimizer(groups, mode="exact", lr=1e-4, fused=True)
+    return _gradbalance_step(batch, model, optimizer)
+
+
+def torchjd_mgda(batch: Batch, **model_kwargs: int) -> Step:
     """torchjd's MGDA on the same log-losses: Jacobian by autojac, aggregation, fused AdamW."""
     from torchjd.aggregation import MGDA
     from torchjd.autojac import backward, jac_to_grad
@@ -87,10 +154,36 @@ def torchjd_mgda(batch: Batch, **model_kwargs) -> Step:
     return step
 
 
-def workloads(batch: Batch, **model_kwargs) -> dict[str, Step]:
+WORKLOADS: dict[str, Callable[..., Step]] = {
+    ADAMW: plain_adamw,
+    AMORTIZED: gradbalance_amortized,
+    EXACT: gradbalance_exact,
+    EXACT_HIDDEN: gradbalance_exact_hidden,
+    TORCHJD: torchjd_mgda,
+}
+
+
+def workloads(batch: Batch, names: list[str] | None = None, **model_kwargs: int) -> dict[str, Step]:
+    """The step of each named workload (default: all), each on its own copy of the model."""
+    return {name: WORKLOADS[name](batch, **model_kwargs) for name in names or WORKLOADS}
+
+
+def gram_calls(k: int, n: int) -> dict[str, Callable[[], object]]:
+    """One read of a float32 ``(k, n)`` buffer, its Gram matrix, and Gram + combine.
+
+    Reading the k·n gradients once (``sum``) is the memory-traffic floor of any Gram computation.
+    The combination goes into a preallocated buffer, as in the optimizer (whose views are .grad).
+    """
+    flat = torch.randn(k, n)
+    coefficients = torch.full((k,), 1 / k, dtype=torch.float64)
+    out = torch.empty(n)
+
+    def gram_and_combine() -> None:
+        kernels.gram(flat)
+        kernels.combine(flat, coefficients, out, accumulate=False)
+
     return {
-        "adamw (summed loss)": plain_adamw(batch, **model_kwargs),
-        "gradbalance amortized": gradbalance_step(batch, "amortized", **model_kwargs),
-        "gradbalance exact": gradbalance_step(batch, "exact", **model_kwargs),
-        "torchjd MGDA": torchjd_mgda(batch, **model_kwargs),
+        "read once": flat.sum,
+        "gram": lambda: kernels.gram(flat),
+        "gram + combine": gram_and_combine,
     }
