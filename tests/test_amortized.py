@@ -1,5 +1,7 @@
 """The functional π update against torch.optim's Adam and AdamW stepping the same logits."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,7 +26,7 @@ def test_famo_update_is_torch_adam_on_the_logits(sequence, optimizer, lr, weight
     reference_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     reference = reference_class([logits], lr=lr, weight_decay=weight_decay)
     bounds = torch.zeros(3, dtype=torch.float64)
-    for before, after in zip(sequence, sequence[1:]):
+    for before, after in itertools.pairwise(sequence):
         before, after = torch.tensor(before).double(), torch.tensor(after).double()
         state = famo_update(state, before, after, bounds, hyper)
         decrease = (before + 1e-8).log() - (after + 1e-8).log()  # SPEC §3: ε = 1e-8

@@ -1,7 +1,6 @@
 """MultiObjectiveOptimizer: the math against float64 references, and torch.optim conformance."""
 
 import copy
-import functools
 import itertools
 
 import pytest

@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
+from helpers import TeacherStudentProblem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from triton.runtime.interpreter import InterpretedFunction
-
-from helpers import TeacherStudentProblem
 
 from gradbalance import MultiObjectiveOptimizer, kernels
 from gradbalance.kernels import torch_backend, triton_backend
