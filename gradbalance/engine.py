@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kernels
+from .distributed import as_grad_of, local
 
 __all__ = [
     "FlatGradients",
     "accumulate_grad",
     "all_finite",
+    "backward_gradients",
     "gram_matrix",
     "task_gradients",
     "weighted_gradient",
@@ -66,10 +68,7 @@ def task_gradients(
         _gradient(loss, params, retain_graph or i < len(losses) - 1)
         for i, loss in enumerate(losses)
     ]
-    return [
-        _stack_rows(rows, param)
-        for rows, param in zip(zip(*per_task, strict=True), params, strict=True)
-    ]
+    return stack_tasks(per_task, params)
 
 
 def weighted_gradient(
@@ -78,14 +77,57 @@ def weighted_gradient(
     params: Sequence[torch.Tensor],
     *,
     retain_graph: bool = False,
+    by_backward: bool = False,
 ) -> list[torch.Tensor | None]:
     """The gradient of ``Σ_i c_i L_i`` with the coefficients held constant: one backward pass.
 
     Args:
         losses: ``(k,)`` losses. coefficients: ``(k,)``, any float dtype.
+        by_backward: through :func:`backward_gradients` (sharded parameters) rather than
+            ``torch.autograd.grad``.
     """
     total = (coefficients.detach().to(losses.dtype) * losses).sum()
+    if by_backward:
+        return backward_gradients([total], params, retain_graph=retain_graph)[0]
     return _gradient(total, params, retain_graph)
+
+
+def backward_gradients(
+    outputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, retain_graph: bool = False
+) -> list[list[torch.Tensor | None]]:
+    """The gradients of each output by an ordinary backward pass, read from ``.grad``.
+
+    For sharded (FSDP) parameters, which ``torch.autograd.grad`` cannot reach: the backward's
+    hooks reduce-scatter each gradient into the shard's ``.grad``. ``.grad`` is restored
+    afterwards; other leaves of the graph (outside ``params``) accumulate as in any backward.
+
+    Returns:
+        For each output, one gradient per parameter (``None`` where it does not reach), in the
+        parameters' own form (a DTensor for a sharded parameter).
+    """
+    saved = [param.grad for param in params]
+    gradients = []
+    try:
+        for index, output in enumerate(outputs):
+            for param in params:
+                param.grad = None
+            if output.requires_grad:
+                output.backward(retain_graph=retain_graph or index < len(outputs) - 1)
+            gradients.append([param.grad for param in params])
+    finally:
+        for param, grad in zip(params, saved, strict=True):
+            param.grad = grad
+    return gradients
+
+
+def stack_tasks(
+    gradients: Sequence[Sequence[torch.Tensor | None]], params: Sequence[torch.Tensor]
+) -> Blocks:
+    """Per-task gradients (one list per task) as blocks of this rank's local values."""
+    return [
+        _stack_rows([None if row is None else local(row) for row in rows], local(param))
+        for rows, param in zip(zip(*gradients, strict=True), params, strict=True)
+    ]
 
 
 def gram_matrix(blocks: Blocks) -> torch.Tensor:
@@ -159,13 +201,14 @@ class FlatGradients:
         self.reached = [False] * len(self.params)
         by_key: dict[tuple, list[int]] = {}
         for index, (param, is_balanced) in enumerate(zip(self.params, balanced, strict=True)):
-            by_key.setdefault((param.device, param.dtype, is_balanced), []).append(index)
+            shard = local(param)
+            by_key.setdefault((shard.device, shard.dtype, is_balanced), []).append(index)
         self.groups = [
             self._group(indices, is_balanced) for (_, _, is_balanced), indices in by_key.items()
         ]
 
     def _group(self, indices: list[int], balanced: bool) -> _Group:
-        params = [self.params[i] for i in indices]
+        params = [local(self.params[i]) for i in indices]  # of a sharded one, this rank's shard
         sizes = [p.numel() for p in params]
         like = params[0]
         group = _Group(
@@ -231,13 +274,13 @@ class FlatGradients:
             reached = [j for j, i in enumerate(group.indices) if self.reached[i]]
             params = [self.params[group.indices[j]] for j in reached]
             holds_view = [
-                self.params[i].grad is view
+                _holds(self.params[i].grad, view)
                 for i, view in zip(group.indices, group.grad_views, strict=True)
             ]
             if not any(holds_view) and all(p.grad is None for p in params):
                 kernels.combine(group.tasks, coefficients, group.combined, accumulate=False)
                 for param, j in zip(params, reached, strict=True):
-                    param.grad = group.grad_views[j]
+                    param.grad = as_grad_of(param, group.grad_views[j])
             elif all(holds_view[j] for j in reached):
                 # Unreached parameters' columns are zero: adding them changes nothing.
                 kernels.combine(group.tasks, coefficients, group.combined, accumulate=True)
@@ -245,7 +288,8 @@ class FlatGradients:
                 fresh = torch.empty_like(group.combined)
                 kernels.combine(group.tasks, coefficients, fresh, accumulate=False)
                 views = group.views(fresh, [view.shape for view in group.grad_views])
-                accumulate_grad(params, [views[j] for j in reached])
+                grads = [as_grad_of(p, views[j]) for p, j in zip(params, reached, strict=True)]
+                accumulate_grad(params, grads)
 
 
 def _gradient(
@@ -254,6 +298,14 @@ def _gradient(
     if not output.requires_grad:
         return (None,) * len(params)
     return torch.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True)
+
+
+def _holds(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
+    """Whether ``grad`` is ``view`` (for a sharded parameter: wraps it)."""
+    if grad is None:
+        return False
+    shard = local(grad)
+    return shard is view or (shard.data_ptr() == view.data_ptr() and shard.shape == view.shape)
 
 
 def _stack_rows(rows: Sequence[torch.Tensor | None], param: torch.Tensor) -> torch.Tensor | None:

@@ -292,13 +292,13 @@ class MultiObjectiveOptimizer(Optimizer):
             )
         params, balanced = self._trainable_params()
         min_losses, famo = self._balancing_state_for(len(losses))
-        values = losses.detach().to(torch.float64, copy=True)
-        values = distributed.average(values, distributed.default_group())
+        layout = distributed.Layout.of(params)
+        values = layout.average(losses.detach().to(torch.float64, copy=True))
         scale = None
         if grad_scaler is not None and grad_scaler.is_enabled():
             scale = grad_scaler.scale(torch.ones((), dtype=torch.float64, device=losses.device))
             losses = grad_scaler.scale(losses)
-        step = _Step(losses, values, min_losses, scale, accumulate)
+        step = _Step(losses, values, min_losses, scale, accumulate, layout)
         if self.mode == "amortized":
             self._amortized_backward(step, params, famo, retain_graph)
         else:
@@ -320,7 +320,8 @@ class MultiObjectiveOptimizer(Optimizer):
         values = stack_losses(losses).detach().to(torch.float64)
         if len(values) != self._num_losses:
             raise ValueError(f"expected {self._num_losses} losses, got {len(values)}")
-        values = distributed.average(values.to(self._device), distributed.default_group())
+        params, _ = self._trainable_params()
+        values = distributed.Layout.of(params).average(values.to(self._device))
         self._raise_if_invalid(values, self._min_losses, torch.tensor(True), None)
         self._famo = famo_update(
             self._famo, self._previous_losses, values, self._min_losses, self._famo_hyper
@@ -332,7 +333,7 @@ class MultiObjectiveOptimizer(Optimizer):
     def _exact_backward(
         self, step: _Step, params: list[torch.Tensor], balanced: list[bool], retain_graph: bool
     ) -> None:
-        blocks = self._task_gradients(step.losses, params, retain_graph)
+        blocks = self._task_gradients(step, params, retain_graph)
         flat = self._flat_gradients(params, balanced, len(step.losses))
         window = self._extended_window(step, lambda: engine.all_finite(blocks))
         flat.store(blocks, accumulate=self._window is not None)
@@ -340,9 +341,9 @@ class MultiObjectiveOptimizer(Optimizer):
             self._window = window
             return
         self._window = None  # the micro-batches are consumed from here on
-        _average(flat, window.count)
+        _average(flat, window.count, step.layout)
         shifted = window.mean - step.min_losses
-        gram = flat.gram() / (shifted[:, None] * shifted[None, :])
+        gram = step.layout.global_gram(flat.gram()) / (shifted[:, None] * shifted[None, :])
         if step.scale is not None:
             gram = gram / step.scale.square()
         finite = self._raise_if_invalid(
@@ -357,8 +358,14 @@ class MultiObjectiveOptimizer(Optimizer):
             self._commit(step, weights, gram)
 
     def _task_gradients(
-        self, losses: torch.Tensor, params: list[torch.Tensor], retain_graph: bool
+        self, step: _Step, params: list[torch.Tensor], retain_graph: bool
     ) -> engine.Blocks:
+        """Per-task gradient blocks: one vmapped backward, else k backward passes (sharded
+        parameters, or operators vmap cannot batch)."""
+        losses = step.losses
+        if step.layout.sharded:
+            passes = engine.backward_gradients(list(losses), params, retain_graph=retain_graph)
+            return engine.stack_tasks(passes, params)
         if self._vectorize is not False:
             try:
                 blocks = engine.task_gradients(
@@ -412,9 +419,13 @@ class MultiObjectiveOptimizer(Optimizer):
         )
         gram = self._amortized_statistics(step, params)
         grads = engine.weighted_gradient(
-            step.losses, coefficients, params, retain_graph=retain_graph
+            step.losses,
+            coefficients,
+            params,
+            retain_graph=retain_graph,
+            by_backward=step.layout.sharded,
         )
-        if step.accumulate or self._window is not None or distributed.default_group():
+        if step.accumulate or self._window is not None or step.layout.group is not None:
             finite = self._amortized_through_buffer(step, params, grads, gram)
         else:  # one batch, one process: straight into .grad
             finite = self._raise_if_invalid(
@@ -438,17 +449,16 @@ class MultiObjectiveOptimizer(Optimizer):
         the gradients are finite (always True for a held micro-batch)."""
         flat = self._flat_gradients(params, [True] * len(params), 1)
         window = self._extended_window(step, lambda: engine.all_finite(grads))
-        blocks = [None if grad is None else grad[None] for grad in grads]
+        blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
         flat.store(blocks, accumulate=self._window is not None)
         if step.accumulate:
             self._window = window
             return True
         self._window = None
-        _average(flat, window.count)
+        _average(flat, window.count, step.layout)
         (buffer,) = flat.task_buffers
-        finite = self._raise_if_invalid(
-            window.mean, step.min_losses, buffer.isfinite().all(), gram, step.scaled
-        )
+        finite = step.layout.all_ranks(buffer.isfinite().all())
+        finite = self._raise_if_invalid(window.mean, step.min_losses, finite, gram, step.scaled)
         one = torch.ones(1, dtype=torch.float64, device=buffer.device)
         flat.write_grad(one, one)
         return finite
@@ -461,7 +471,7 @@ class MultiObjectiveOptimizer(Optimizer):
         """
         if not self.stats_every or self._backward_calls % self.stats_every:
             return None
-        blocks = self._task_gradients(step.losses, params, retain_graph=True)
+        blocks = self._task_gradients(step, params, retain_graph=True)
         shifted = step.values - step.min_losses
         gram = engine.gram_matrix(blocks) / (shifted[:, None] * shifted[None, :])
         return gram if step.scale is None else gram / step.scale.square()
@@ -522,10 +532,7 @@ class MultiObjectiveOptimizer(Optimizer):
         """
         window = _extend(self._window, step.values)
         if step.accumulate or self._window is not None:
-            finite = gradients_finite()
-            group = distributed.default_group()
-            if group is not None:  # every rank must take the same branch
-                finite = distributed.average(finite.double(), group) == 1
+            finite = step.layout.all_ranks(gradients_finite())  # every rank takes one branch
             if step.accumulate:
                 values, bounds = step.values, torch.full_like(step.values, -torch.inf)
             else:
@@ -574,13 +581,16 @@ def _extend(window: _Window | None, values: torch.Tensor) -> _Window:
     return (window or _Window(torch.zeros_like(values), 0)).add(values)
 
 
-def _average(flat: engine.FlatGradients, count: int) -> None:
-    """Turns the sums over ``count`` micro-batches into means, averaged over the ranks."""
-    group = distributed.default_group()
+def _average(flat: engine.FlatGradients, count: int, layout: distributed.Layout) -> None:
+    """Turns the sums over ``count`` micro-batches into means over micro-batches and ranks, and
+    marks a parameter reached when some rank reached it (so every rank writes the same .grad)."""
     for buffer in flat.task_buffers:
         if count > 1:
             buffer.div_(count)
-        distributed.average(buffer, group)
+        layout.average_gradients(buffer)
+    if layout.group is not None:
+        reached = torch.tensor(flat.reached, device=flat.task_buffers[0].device)
+        flat.reached = layout.any_rank(reached).tolist()
 
 
 @dataclass(frozen=True)
@@ -592,6 +602,7 @@ class _Step:
     min_losses: torch.Tensor  # (k,) float64
     scale: torch.Tensor | None  # the grad scaler's scale, 0-d
     accumulate: bool
+    layout: distributed.Layout
 
     @property
     def scaled(self) -> bool:

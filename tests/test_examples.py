@@ -1,0 +1,30 @@
+"""The runnable examples that the integration pages show: each one trains the toy student."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+SINGLE_PROCESS = ["amp.py", "accumulation.py", "compile.py", "lightning_manual.py"]
+
+
+def run_example(*command: str) -> str:
+    result = subprocess.run(
+        command, cwd=EXAMPLES, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def accuracy(output: str) -> float:
+    return float(re.search(r"accuracy (\d\.\d+)", output).group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SINGLE_PROCESS)
+def test_example_trains_the_student(script):
+    output = run_example(sys.executable, script)
+    assert accuracy(output) > 0.5  # chance is 0.1; the teacher's labels are 90 % recoverable
