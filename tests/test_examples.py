@@ -28,3 +28,11 @@ def accuracy(output: str) -> float:
 def test_example_trains_the_student(script):
     output = run_example(sys.executable, script)
     assert accuracy(output) > 0.5  # chance is 0.1; the teacher's labels are 90 % recoverable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["ddp.py", "fsdp.py"])
+def test_distributed_example_trains_the_student_under_torchrun(script):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    output = run_example(*launcher, "--nproc_per_node", "2", script)
+    assert accuracy(output) > 0.5
