@@ -146,7 +146,9 @@ def all_finite(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     if not present:
         return torch.tensor(True)
     norms = torch._foreach_norm(present)  # NaN or inf anywhere makes its norm non-finite
-    return torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all()
+    if len({norm.device for norm in norms}) > 1:
+        norms = [norm.to(norms[0].device) for norm in norms]
+    return torch.stack(norms).isfinite().all()
 
 
 def accumulate_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
@@ -155,7 +157,7 @@ def accumulate_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         if grad is None:
             continue
         if param.grad is None:
-            param.grad = grad.to(param.dtype)
+            param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
         else:
             param.grad.add_(grad)
 
