@@ -222,7 +222,9 @@ class FlatGradients:
         start = 0
         for param, size in zip(params, sizes, strict=True):
             group.bounds.append((start, start + size))
-            group.task_views.append(group.tasks[:, start : start + size].view(-1, *param.shape))
+            group.task_views.append(
+                group.tasks[:, start : start + size].view(self.num_tasks, *param.shape)
+            )
             start += size
         group.grad_views = group.views(group.combined, [p.shape for p in params])
         return group

@@ -448,8 +448,8 @@ class MultiObjectiveOptimizer(Optimizer):
         and averaged over micro-batches and ranks before they reach ``.grad``. Returns whether
         the gradients are finite (always True for a held micro-batch)."""
         flat = self._flat_gradients(params, [True] * len(params), 1)
-        window = self._extended_window(step, lambda: engine.all_finite(grads))
         blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
+        window = self._extended_window(step, lambda: engine.all_finite(blocks))
         flat.store(blocks, accumulate=self._window is not None)
         if step.accumulate:
             self._window = window

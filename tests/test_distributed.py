@@ -65,7 +65,7 @@ def ddp_rank(rank, world_size, mode, wrap, micro_batches):
     return [p.detach() for p in problem.model.parameters()], opt.weights
 
 
-def fsdp_rank(rank, world_size, mode):
+def fsdp_rank(rank, world_size, mode, micro_batches):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -75,7 +75,7 @@ def fsdp_rank(rank, world_size, mode):
     for layer in (problem.model[0], problem.model[2], problem.model):
         fully_shard(layer, mesh=mesh)
     opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode, lr=1e-2)
-    train(problem, problem.model, opt)
+    train(problem, problem.model, opt, micro_batches)
     return [p.full_tensor().detach() for p in problem.model.parameters()], opt.weights
 
 
@@ -104,10 +104,11 @@ def test_accumulation_under_ddp_equals_one_process_on_the_global_batch(mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
-def test_fully_sharded_equals_one_process_on_the_global_batch(mode):
-    results = run_on_ranks(fsdp_rank, mode)
-    assert_matches_single_process(results, *single_process(mode))
+def test_fully_sharded_equals_one_process_on_the_global_batch(mode, micro_batches):
+    results = run_on_ranks(fsdp_rank, mode, micro_batches)
+    assert_matches_single_process(results, *single_process(mode, micro_batches))
 
 
 def bad_loss_on_one_rank(rank, world_size, mode):

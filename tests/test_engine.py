@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradbalance import engine
 from gradbalance.weighting import min_norm_weights
@@ -228,3 +230,44 @@ def test_gradients_from_elsewhere_get_the_combination_added():
         assert param.grad is grad
         combined = torch.einsum("k,k...->...", coefficients.to(block.dtype), block)
         torch.testing.assert_close(param.grad, 1 + combined)
+
+
+parameter_specs = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 5), min_size=0, max_size=3),  # shape
+        st.sampled_from([torch.float32, torch.float64]),
+        st.booleans(),  # balanced
+        st.booleans(),  # reached
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(specs=parameter_specs, k=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_flat_gradients_match_per_parameter_math_for_any_layout(specs, k, seed):
+    if not any(balanced and reached for _, _, balanced, reached in specs):
+        specs = [(specs[0][0], specs[0][1], True, True), *specs[1:]]
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.zeros(shape, dtype=dtype, requires_grad=True) for shape, dtype, _, _ in specs]
+    blocks = [
+        torch.randn(k, *p.shape, generator=generator, dtype=p.dtype) if reached else None
+        for p, (_, _, _, reached) in zip(params, specs)
+    ]
+    balanced = [spec[2] for spec in specs]
+    flat = engine.FlatGradients(params, balanced, num_tasks=k)
+    flat.store(blocks, accumulate=False)
+    kept = [b.reshape(k, -1).double() for b, on in zip(blocks, balanced) if on and b is not None]
+    jacobian = torch.cat(kept, dim=1)
+    torch.testing.assert_close(flat.gram(), jacobian @ jacobian.T, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(k, generator=generator, dtype=torch.float64)
+    plain = torch.randn(k, generator=generator, dtype=torch.float64)
+    flat.write_grad(weights, plain)
+    for param, block, on in zip(params, blocks, balanced):
+        if block is None:
+            assert param.grad is None
+            continue
+        coefficients = (weights if on else plain).to(block.dtype)
+        expected = torch.einsum("k,k...->...", coefficients, block)
+        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5)

@@ -168,6 +168,23 @@ def test_an_overflowing_step_is_skipped_and_leaves_the_balancing_state_alone(mod
     assert torch.equal(opt.weights, weights)
 
 
+def test_grad_scaler_with_accumulated_micro_batches_gives_the_unscaled_step():
+    problem = TeacherStudentProblem(dtype=torch.float64)
+    first, second = halves(problem)
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        opt = MultiObjectiveOptimizer(problem.model.parameters())
+        opt.backward(first.losses(problem.model), accumulate=True, grad_scaler=scaler)
+        opt.backward(second.losses(problem.model), grad_scaler=scaler)
+        scale = 1.0 if scaler is None else scaler.get_scale()
+        results.append(([g / scale for g in grads(problem.model)], opt.weights))
+        problem.model.zero_grad()
+    (plain, plain_weights), (scaled, scaled_weights) = results
+    torch.testing.assert_close(scaled_weights, plain_weights)
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b)
+
+
 def test_grad_scaler_does_not_excuse_bad_losses():
     problem = TeacherStudentProblem()
     opt = MultiObjectiveOptimizer(problem.model.parameters())
