@@ -16,23 +16,29 @@ from _toy import Toy
 
 from gradbalance import MultiObjectiveOptimizer
 
-cuda = torch.cuda.is_available()
-dist.init_process_group("nccl" if cuda else "gloo")
-rank, world_size = dist.get_rank(), dist.get_world_size()
-device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
 
-toy = Toy(device)  # the same seed on every rank: the same data and initial student
-model = torch.nn.parallel.DistributedDataParallel(toy.student)
-opt = MultiObjectiveOptimizer(toy.student.parameters(), lr=1e-2)
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
 
-for step in range(100):
-    x, y = toy.batch(step)  # the global batch; each rank takes its share
-    x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-    opt.zero_grad()
-    opt.backward(toy.losses(x, y, model))
-    opt.step()
+    toy = Toy(device)  # the same seed on every rank: the same data and initial student
+    model = torch.nn.parallel.DistributedDataParallel(toy.student)
+    opt = MultiObjectiveOptimizer(toy.student.parameters(), lr=1e-2)
 
-if rank == 0:
-    print(f"accuracy {toy.accuracy():.3f}, π = {opt.weights.tolist()}")
-dist.barrier()  # gloo aborts a rank that tears down while another still talks to it
-dist.destroy_process_group()
+    for step in range(100):
+        x, y = toy.batch(step)  # the global batch; each rank takes its share
+        x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        opt.zero_grad()
+        opt.backward(toy.losses(x, y, model))
+        opt.step()
+
+    if rank == 0:
+        print(f"accuracy {toy.accuracy():.3f}, π = {opt.weights.tolist()}")
+
+
+if __name__ == "__main__":
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    main()  # returns with its model and optimizer released, before the group goes
+    dist.barrier()  # gloo aborts a rank that tears down while another still talks to it
+    dist.destroy_process_group()

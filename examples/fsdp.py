@@ -17,28 +17,36 @@ from torch.distributed.fsdp import fully_shard
 
 from gradbalance import MultiObjectiveOptimizer
 
-cuda = torch.cuda.is_available()
-dist.init_process_group("nccl" if cuda else "gloo")
-rank, world_size = dist.get_rank(), dist.get_world_size()
-device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
 
-toy = Toy(device)
-mesh = init_device_mesh("cuda" if cuda else "cpu", (world_size,))
-for layer in toy.student:
-    if isinstance(layer, torch.nn.Linear):
-        fully_shard(layer, mesh=mesh)
-fully_shard(toy.student, mesh=mesh)
-opt = MultiObjectiveOptimizer(toy.student.parameters(), lr=1e-2)  # built on the sharded parameters
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
 
-for step in range(100):
-    x, y = toy.batch(step)
-    x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-    opt.zero_grad()
-    opt.backward(toy.losses(x, y))
-    opt.step()
+    toy = Toy(device)
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (world_size,))
+    for layer in toy.student:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(toy.student, mesh=mesh)
+    opt = MultiObjectiveOptimizer(
+        toy.student.parameters(), lr=1e-2
+    )  # built on the sharded parameters
 
-accuracy = toy.accuracy()  # a forward of the sharded student: every rank takes part
-if rank == 0:
-    print(f"accuracy {accuracy:.3f}, π = {opt.weights.tolist()}")
-dist.barrier()  # gloo aborts a rank that tears down while another still talks to it
-dist.destroy_process_group()
+    for step in range(100):
+        x, y = toy.batch(step)
+        x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        opt.zero_grad()
+        opt.backward(toy.losses(x, y))
+        opt.step()
+
+    accuracy = toy.accuracy()  # a forward of the sharded student: every rank takes part
+    if rank == 0:
+        print(f"accuracy {accuracy:.3f}, π = {opt.weights.tolist()}")
+
+
+if __name__ == "__main__":
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    main()  # returns with its model and optimizer released, before the group goes
+    dist.barrier()  # gloo aborts a rank that tears down while another still talks to it
+    dist.destroy_process_group()

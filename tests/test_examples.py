@@ -1,5 +1,6 @@
 """The runnable examples that the integration pages show: each one trains the toy student."""
 
+import os
 import re
 import subprocess
 import sys
@@ -12,8 +13,11 @@ SINGLE_PROCESS = ["amp.py", "accumulation.py", "compile.py", "lightning_manual.p
 
 
 def run_example(*command: str) -> str:
+    # Inductor (compiled in this process by other tests) exports a pointer of this process in
+    # _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR; children that inherit it could abort at exit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_TORCHINDUCTOR")}
     result = subprocess.run(
-        command, cwd=EXAMPLES, capture_output=True, text=True, timeout=600, check=False
+        command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -35,7 +35,7 @@ def test_exact_mode_writes_the_min_norm_direction_of_the_log_loss_gradients(vect
     params = list(problem.model.parameters())
     min_losses = [0.0, -0.5]
     opt = MultiObjectiveOptimizer(params, mode="exact", min_losses=min_losses, normalize=normalize)
-    opt._vectorize = vectorize
+    opt._balancer.vectorize = vectorize
     losses = problem.losses()
     jacobian = flat_log_loss_gradients(losses, params, min_losses)
     g11, g22, g12 = (
@@ -125,13 +125,13 @@ def test_amortized_logits_follow_the_spec_test_vector(pi_optimizer, w0_after, sc
     if scheme == "next-batch":
         for values in SPEC_LOSSES:
             opt.backward(constant_losses(values, anchor))
-            logits.append(opt._famo.logits.clone())
+            logits.append(opt._balancer.famo.logits.clone())
         logits = logits[1:]
     else:
         for before, after in itertools.pairwise(SPEC_LOSSES):
             opt.backward(constant_losses(before, anchor))
             opt.update_weights(torch.tensor(after))
-            logits.append(opt._famo.logits.clone())
+            logits.append(opt._balancer.famo.logits.clone())
     assert [w[0].item() for w in logits] == pytest.approx(w0_after, abs=2e-6)
     assert [w[1].item() for w in logits] == pytest.approx([-v for v in w0_after], abs=2e-6)
 
@@ -141,7 +141,7 @@ def test_amortized_first_logit_gradient_matches_the_spec():
     opt = MultiObjectiveOptimizer([anchor], mode="amortized")
     opt.backward(constant_losses([1.0, 2.0], anchor))
     opt.update_weights([torch.tensor(0.9), torch.tensor(1.9)])
-    assert opt._famo.grad.tolist() == pytest.approx([0.013517, -0.013517], abs=1e-6)
+    assert opt._balancer.famo.grad.tolist() == pytest.approx([0.013517, -0.013517], abs=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["exact", "amortized"])
@@ -459,7 +459,7 @@ def test_falls_back_to_sequential_backward_when_vmap_cannot_run():
     opt = MultiObjectiveOptimizer(params)
     with pytest.warns(UserWarning, match="sequential"):
         opt.backward(losses())
-    assert opt._vectorize is False
+    assert opt._balancer.vectorize is False
     expected = flat_log_loss_gradients(losses(), params, [0, 0])
     direction = min_norm_weights(expected @ expected.T) @ expected
     torch.testing.assert_close(flat_grad(problem.model), direction)

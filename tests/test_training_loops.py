@@ -77,7 +77,7 @@ def test_amortized_logits_learn_from_the_mean_loss_of_each_window():
                 (v + offset) * torch.exp(anchor.sum() - anchor.sum().detach()) for v in values
             ]
             opt.backward(scaled, accumulate=offset > 0)
-        logits.append(opt._famo.logits[0].item())
+        logits.append(opt._balancer.famo.logits[0].item())
     assert logits[1:] == pytest.approx([-0.025, -0.023686, -0.028707], abs=2e-6)
 
 
