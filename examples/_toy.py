@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from gradbalance import kl_distillation
@@ -42,3 +47,20 @@ def mlp(inputs: int, hidden: int, outputs: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(
         torch.nn.Linear(inputs, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, outputs)
     )
+
+
+def launch(main: Callable[[], None]) -> None:
+    """Run ``main`` in the process group that torchrun describes, tear the group down, and exit.
+
+    The barrier keeps a fast rank from leaving while the other still talks to it. The process then
+    ends with ``os._exit``: with gloo on CPU (torch 2.13), a rank whose work is done sometimes
+    aborts in the interpreter's own teardown ("terminate called without an active exception",
+    exit code -6), which torchrun reports as a failed run.
+    """
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    main()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

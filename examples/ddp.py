@@ -12,7 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from _toy import Toy
+from _toy import Toy, launch
 
 from gradbalance import MultiObjectiveOptimizer
 
@@ -38,7 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    main()  # returns with its model and optimizer released, before the group goes
-    dist.barrier()  # gloo aborts a rank that tears down while another still talks to it
-    dist.destroy_process_group()
+    launch(main)  # init_process_group, main(), barrier, destroy_process_group

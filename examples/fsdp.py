@@ -11,7 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from _toy import Toy
+from _toy import Toy, launch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -29,9 +29,8 @@ def main() -> None:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(toy.student, mesh=mesh)
-    opt = MultiObjectiveOptimizer(
-        toy.student.parameters(), lr=1e-2
-    )  # built on the sharded parameters
+    # built on the sharded parameters, after fully_shard
+    opt = MultiObjectiveOptimizer(toy.student.parameters(), lr=1e-2)
 
     for step in range(100):
         x, y = toy.batch(step)
@@ -46,7 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    main()  # returns with its model and optimizer released, before the group goes
-    dist.barrier()  # gloo aborts a rank that tears down while another still talks to it
-    dist.destroy_process_group()
+    launch(main)  # init_process_group, main(), barrier, destroy_process_group
