@@ -47,7 +47,7 @@ class _Window:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.loss_sum / self.count
+        return self.loss_sum if self.count == 1 else self.loss_sum / self.count
 
 
 class Balancer:
@@ -413,7 +413,7 @@ class Balancer:
 
 
 def _extend(window: _Window | None, values: torch.Tensor) -> _Window:
-    return (window or _Window(torch.zeros_like(values), 0)).add(values)
+    return _Window(values, 1) if window is None else window.add(values)
 
 
 def _average(flat: engine.FlatGradients, count: int, layout: distributed.Layout) -> None:
