@@ -50,6 +50,22 @@ class _Window:
         return self.loss_sum if self.count == 1 else self.loss_sum / self.count
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One backward call's inputs: the (possibly scaled) losses and their unscaled values."""
+
+    losses: torch.Tensor  # (k,), with graph; multiplied by the grad scaler's scale if any
+    values: torch.Tensor  # (k,) float64, unscaled, averaged over the ranks
+    min_losses: torch.Tensor  # (k,) float64
+    scale: torch.Tensor | None  # the grad scaler's scale, 0-d
+    accumulate: bool
+    layout: distributed.Layout
+
+    @property
+    def scaled(self) -> bool:
+        return self.scale is not None
+
+
 class Balancer:
     """The balancing of k losses: π, the balanced gradient in ``.grad``, the state between calls.
 
@@ -426,19 +442,3 @@ def _average(flat: engine.FlatGradients, count: int, layout: distributed.Layout)
     if layout.group is not None:
         reached = torch.tensor(flat.reached, device=flat.task_buffers[0].device)
         flat.reached = layout.any_rank(reached).tolist()
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One backward call's inputs: the (possibly scaled) losses and their unscaled values."""
-
-    losses: torch.Tensor  # (k,), with graph; multiplied by the grad scaler's scale if any
-    values: torch.Tensor  # (k,) float64, unscaled, averaged over the ranks
-    min_losses: torch.Tensor  # (k,) float64
-    scale: torch.Tensor | None  # the grad scaler's scale, 0-d
-    accumulate: bool
-    layout: distributed.Layout
-
-    @property
-    def scaled(self) -> bool:
-        return self.scale is not None
