@@ -130,3 +130,52 @@ def test_a_bad_loss_on_one_rank_raises_on_every_rank_and_changes_nothing(mode):
     for message, grads in run_on_ranks(bad_loss_on_one_rank, mode):
         assert "loss 1 is nan" in message
         assert all(grad is None for grad in grads)
+
+
+def famo_reforward_rank(rank, world_size):
+    problem = TeacherStudentProblem(dtype=torch.float64)
+    rank_share(problem, rank, world_size)
+    model = torch.nn.parallel.DistributedDataParallel(problem.model)
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), mode="amortized", lr=1e-2)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        opt.backward(problem.losses(model))
+        opt.step()
+        with torch.no_grad():
+            opt.update_weights(problem.losses(model))
+    return [p.detach() for p in problem.model.parameters()], opt.weights
+
+
+@pytest.mark.slow
+def test_famo_reforward_scheme_under_ddp_uses_the_global_losses():
+    problem = TeacherStudentProblem(dtype=torch.float64)
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), mode="amortized", lr=1e-2)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        opt.backward(problem.losses())
+        opt.step()
+        with torch.no_grad():
+            opt.update_weights(problem.losses())
+    expected = [p.detach() for p in problem.model.parameters()], opt.weights
+    assert_matches_single_process(run_on_ranks(famo_reforward_rank), *expected)
+
+
+def two_dimensional_mesh_rank(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    problem = TeacherStudentProblem(dtype=torch.float64)
+    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("replicate", "shard"))
+    fully_shard(problem.model, mesh=mesh)
+    opt = MultiObjectiveOptimizer(problem.model.parameters())
+    try:
+        opt.backward(problem.losses())
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.slow
+def test_sharding_on_a_two_dimensional_mesh_is_refused_by_name():
+    for message in run_on_ranks(two_dimensional_mesh_rank):
+        assert "1-D device mesh" in message
