@@ -169,13 +169,9 @@ class Balancer:
     ) -> None:
         blocks = self._task_gradients(step, params, retain_graph)
         flat = self._flat_gradients(params, balanced, len(step.losses))
-        window = self._extended_window(step, lambda: engine.all_finite(blocks))
-        flat.store(blocks, accumulate=self.window is not None)
-        if step.accumulate:
-            self.window = window
+        window = self._gather(step, _extend(self.window, step.values), flat, blocks)
+        if window is None:
             return
-        self.window = None  # the micro-batches are consumed from here on
-        _average(flat, window.count, step.layout)
         shifted = window.mean - step.min_losses
         gram = step.layout.global_gram(flat.gram()) / (shifted[:, None] * shifted[None, :])
         if step.scale is not None:
@@ -260,7 +256,7 @@ class Balancer:
             by_backward=step.layout.sharded,
         )
         if step.accumulate or self.window is not None or step.layout.group is not None:
-            finite = self._amortized_through_buffer(step, params, grads, gram)
+            finite = self._amortized_through_buffer(step, window, params, grads, gram)
         else:  # one batch, one process: straight into .grad
             finite = self._raise_if_invalid(
                 step.values, step.min_losses, engine.all_finite(grads), gram, step.scaled
@@ -274,6 +270,7 @@ class Balancer:
     def _amortized_through_buffer(
         self,
         step: _Step,
+        window: _Window,
         params: list[torch.Tensor],
         grads: list[torch.Tensor | None],
         gram: torch.Tensor | None,
@@ -283,13 +280,8 @@ class Balancer:
         the gradients are finite (always True for a held micro-batch)."""
         flat = self._flat_gradients(params, [True] * len(params), 1)
         blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
-        window = self._extended_window(step, lambda: engine.all_finite(blocks))
-        flat.store(blocks, accumulate=self.window is not None)
-        if step.accumulate:
-            self.window = window
+        if self._gather(step, window, flat, blocks) is None:
             return True
-        self.window = None
-        _average(flat, window.count, step.layout)
         (buffer,) = flat.task_buffers
         finite = step.layout.all_ranks(buffer.isfinite().all())
         finite = self._raise_if_invalid(window.mean, step.min_losses, finite, gram, step.scaled)
@@ -336,23 +328,30 @@ class Balancer:
             famo = FamoState.initial(num_losses, like.device, dtype)
         return min_losses, famo
 
-    def _extended_window(
-        self, step: _Step, gradients_finite: Callable[[], torch.Tensor]
-    ) -> _Window:
-        """The accumulation window with this micro-batch added.
+    def _gather(
+        self, step: _Step, window: _Window, flat: engine.FlatGradients, blocks: engine.Blocks
+    ) -> _Window | None:
+        """Adds this micro-batch's blocks to ``flat``; ``window`` is the accumulation window with
+        it. Returns the window once it is complete — ``flat`` then holds its means over
+        micro-batches and ranks — or None while micro-batches are held.
 
-        When the micro-batch joins or opens a window it is checked first (one host
-        synchronisation), so that a bad one cannot spoil those held: its losses and gradients
-        must be finite, and on the last micro-batch the mean losses must be above their bounds.
+        A micro-batch that joins or opens a window is checked first (one host synchronisation),
+        so that a bad one cannot spoil those held: its losses and gradients must be finite, and
+        on the last micro-batch the mean losses must be above their bounds.
         """
-        window = _extend(self.window, step.values)
         if step.accumulate or self.window is not None:
-            finite = step.layout.all_ranks(gradients_finite())  # every rank takes one branch
+            finite = step.layout.all_ranks(engine.all_finite(blocks))  # every rank: one branch
             if step.accumulate:
                 values, bounds = step.values, torch.full_like(step.values, -torch.inf)
             else:
                 values, bounds = window.mean, step.min_losses
             self._raise_if_invalid(values, bounds, finite, None, step.scaled)
+        flat.store(blocks, accumulate=self.window is not None)
+        if step.accumulate:
+            self.window = window
+            return None
+        self.window = None  # the micro-batches are consumed from here on
+        _average(flat, window.count, step.layout)
         return window
 
     def _raise_if_invalid(
