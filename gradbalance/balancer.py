@@ -275,17 +275,16 @@ class Balancer:
         grads: list[torch.Tensor | None],
         gram: torch.Tensor | None,
     ) -> bool:
-        """Micro-batches and ranks: the weighted gradients are summed in a flat ``(1, n)`` buffer
+        """Micro-batches and ranks: the weighted gradients are summed in flat ``(1, n)`` buffers
         and averaged over micro-batches and ranks before they reach ``.grad``. Returns whether
         the gradients are finite (always True for a held micro-batch)."""
         flat = self._flat_gradients(params, [True] * len(params), 1)
         blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
         if self._gather(step, window, flat, blocks) is None:
             return True
-        (buffer,) = flat.task_buffers
-        finite = step.layout.all_ranks(buffer.isfinite().all())
+        finite = step.layout.all_ranks(engine.all_finite(flat.task_buffers))
         finite = self._raise_if_invalid(window.mean, step.min_losses, finite, gram, step.scaled)
-        one = torch.ones(1, dtype=torch.float64, device=buffer.device)
+        one = torch.ones(1, dtype=torch.float64, device=flat.task_buffers[0].device)
         flat.write_grad(one, one)
         return finite
 

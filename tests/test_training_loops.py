@@ -266,3 +266,24 @@ def test_balance_false_is_refused_where_it_means_nothing():
     nothing = MultiObjectiveOptimizer([{"params": problem.model.parameters(), "balance": False}])
     with pytest.raises(ValueError, match="nothing to balance"):
         nothing.backward(problem.losses())
+
+
+def test_amortized_accumulation_with_parameters_of_two_dtypes():
+    # Two flat buffers (float32 and float64): each micro-batch's weighted gradient lands in both.
+    single, double = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1).double()
+    inputs = torch.randn(8, 3)
+
+    def losses():
+        hidden = single(inputs).double()
+        return [double(hidden).square().mean() + 1, hidden.square().mean() + 1]
+
+    params = [*single.parameters(), *double.parameters()]
+    reference = MultiObjectiveOptimizer(params, mode="amortized")
+    reference.backward(losses())
+    expected = [p.grad.clone() for p in params]
+    reference.zero_grad()
+    opt = MultiObjectiveOptimizer(params, mode="amortized")
+    opt.backward(losses(), accumulate=True)
+    opt.backward(losses())
+    for param, grad in zip(params, expected):
+        torch.testing.assert_close(param.grad, grad)
