@@ -260,9 +260,10 @@ class FlatGradients:
 
     def gram(self) -> torch.Tensor:
         """``(k, k)`` float64 Gram matrix of the balanced parameters' per-task gradients."""
-        grams = [kernels.gram(group.tasks) for group in self.groups if group.balanced]
-        if not grams or not any(self.reached[i] for g in self.groups for i in g.indices):
+        balanced = [group for group in self.groups if group.balanced]
+        if not any(self.reached[i] for group in balanced for i in group.indices):
             raise ValueError("no loss reaches any balanced parameter")
+        grams = [kernels.gram(group.tasks) for group in balanced]
         return torch.stack([gram.to(grams[0].device) for gram in grams]).sum(dim=0)
 
     def write_grad(self, balanced: torch.Tensor, plain: torch.Tensor) -> None:

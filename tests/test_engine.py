@@ -271,3 +271,12 @@ def test_flat_gradients_match_per_parameter_math_for_any_layout(specs, k, seed):
         coefficients = (weights if on else plain).to(block.dtype)
         expected = torch.einsum("k,k...->...", coefficients, block)
         torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gram_needs_a_reached_balanced_parameter():
+    params = parameters_of_two_dtypes()
+    blocks = [None, None, torch.randn(2, 2, 2, 2), None]  # only params[2] is reached
+    flat = engine.FlatGradients(params, [True, True, False, True], num_tasks=2)
+    flat.store(blocks, accumulate=False)
+    with pytest.raises(ValueError, match="no loss reaches any balanced parameter"):
+        flat.gram()
