@@ -136,8 +136,7 @@ def gram_matrix(blocks: Blocks) -> torch.Tensor:
     present = [block for block in blocks if block is not None]
     if not present:
         raise ValueError("no loss reaches any parameter: every per-task gradient is empty")
-    grams = [kernels.gram(block.reshape(len(block), -1)) for block in present]
-    return torch.stack([gram.to(grams[0].device) for gram in grams]).sum(dim=0)
+    return _sum_on_one_device([kernels.gram(block.reshape(len(block), -1)) for block in present])
 
 
 def all_finite(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -263,8 +262,7 @@ class FlatGradients:
         balanced = [group for group in self.groups if group.balanced]
         if not any(self.reached[i] for group in balanced for i in group.indices):
             raise ValueError("no loss reaches any balanced parameter")
-        grams = [kernels.gram(group.tasks) for group in balanced]
-        return torch.stack([gram.to(grams[0].device) for gram in grams]).sum(dim=0)
+        return _sum_on_one_device([kernels.gram(group.tasks) for group in balanced])
 
     def write_grad(self, balanced: torch.Tensor, plain: torch.Tensor) -> None:
         """Add ``Σ_i c_i ∇L_i`` into the ``.grad`` of every reached parameter.
@@ -303,6 +301,11 @@ def _gradient(
     if not output.requires_grad:
         return (None,) * len(params)
     return torch.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True)
+
+
+def _sum_on_one_device(grams: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of partial Gram matrices that may live on different devices, on the first's."""
+    return torch.stack([gram.to(grams[0].device) for gram in grams]).sum(dim=0)
 
 
 def _holds(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
