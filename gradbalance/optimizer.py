@@ -67,7 +67,8 @@ class MultiObjectiveOptimizer(Optimizer):
     loss, fewer than two losses, a different number of losses than before, a loss that is NaN,
     infinite or not above its ``min_loss``, and non-finite gradients (raised rather than skipped, so
     that a NaN never reaches the weights silently — except with a ``grad_scaler``, whose step
-    skips them). Checking costs one host synchronisation per :meth:`backward`.
+    skips them). Checking costs one host synchronisation per :meth:`backward` (one more for each
+    accumulated micro-batch, and under torch.distributed).
 
     Args:
         params: an iterable of tensors or of param-group dicts, as for any torch optimizer; or an
