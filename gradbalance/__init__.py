@@ -1,10 +1,12 @@
 """gradbalance: balance distillation and task losses at the gradient level (MoKD / DTO-KD)."""
 
+from .balancer import Balancer
 from .losses import KDLosses, classification_losses, cross_entropy_floor, kl_distillation
 from .optimizer import MultiObjectiveOptimizer
 from .projectors import IndefiniteSubspaceProjector, VkDProjector
 
 __all__ = [
+    "Balancer",
     "IndefiniteSubspaceProjector",
     "KDLosses",
     "MultiObjectiveOptimizer",

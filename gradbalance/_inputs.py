@@ -1,43 +1,83 @@
-"""Checks of what users hand to the optimizer, with errors that name the culprit."""
+"""Checks of what users hand to the balancer, with errors that name the culprit."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-LossesLike = Sequence[torch.Tensor] | torch.Tensor
+LossesLike = Sequence[torch.Tensor] | torch.Tensor | Mapping[str, torch.Tensor]
+ParamsLike = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
-def stack_losses(losses: LossesLike) -> torch.Tensor:
-    """The k scalar losses as one ``(k,)`` tensor that keeps their autograd graphs.
+def as_losses(losses: LossesLike) -> tuple[tuple[str, ...] | None, list[torch.Tensor]]:
+    """The names (None for unnamed losses) and the k scalar losses, checked.
 
     Raises:
-        ValueError: fewer than two losses, a loss that is not a tensor or not a scalar, or losses
-            on different devices.
+        ValueError: fewer than two losses, a loss that is not a floating-point scalar tensor,
+            losses on different devices, or no loss that requires grad.
     """
-    if isinstance(losses, torch.Tensor):
+    names = None
+    if isinstance(losses, Mapping):
+        names = tuple(str(name) for name in losses)
+        items = list(losses.values())
+    elif isinstance(losses, torch.Tensor):
         if losses.ndim != 1:
             raise ValueError(
                 f"losses must be a 1-D tensor of k scalar losses, got shape {tuple(losses.shape)}"
             )
-        items: Sequence[torch.Tensor] = list(losses.unbind())
+        items = list(losses.unbind())
     else:
         items = list(losses)
     if len(items) < 2:
         raise ValueError(f"balancing needs at least 2 losses, got {len(items)}")
     for index, loss in enumerate(items):
+        label = loss_label(index, names)
         if not isinstance(loss, torch.Tensor):
-            raise ValueError(f"loss {index} is a {type(loss).__name__}, not a torch.Tensor")
+            raise ValueError(f"{label} is a {type(loss).__name__}, not a torch.Tensor")
         if loss.numel() != 1:
-            raise ValueError(f"loss {index} is not a scalar: shape {tuple(loss.shape)}")
+            raise ValueError(f"{label} is not a scalar: shape {tuple(loss.shape)}")
         if not loss.is_floating_point():
-            raise ValueError(f"loss {index} has dtype {loss.dtype}; a floating dtype is needed")
+            raise ValueError(f"{label} has dtype {loss.dtype}; a floating dtype is needed")
     devices = {loss.device for loss in items}
     if len(devices) > 1:
         raise ValueError(f"the losses live on different devices: {sorted(map(str, devices))}")
-    return torch.stack([loss.reshape(()) for loss in items])
+    if not any(loss.requires_grad for loss in items):
+        raise ValueError(
+            "none of the losses requires grad: were they computed under torch.no_grad()?"
+        )
+    return names, [loss.reshape(()) for loss in items]
+
+
+def loss_label(index: int, names: Sequence[str] | None) -> str:
+    """``loss 1`` or, for named losses, ``loss 1 ('task')``."""
+    return f"loss {index}" if names is None else f"loss {index} ({names[index]!r})"
+
+
+def trainable(params: ParamsLike) -> tuple[list[torch.Tensor], list[bool]]:
+    """The tensors that require grad and, for each, whether its group is balanced.
+
+    ``params`` are tensors or param-group dicts (``"params"``, and ``"balance": False`` to keep a
+    group out of the Gram matrix), as a torch optimizer takes them or holds them in
+    ``param_groups``; ``(name, tensor)`` pairs (``named_parameters()``) are read as tensors.
+    """
+    tensors, balanced = [], []
+    for item in params:
+        group = item if isinstance(item, Mapping) else {"params": [item]}
+        members = group["params"]
+        members = [members] if isinstance(members, torch.Tensor) else members
+        for member in members:
+            tensor = member[1] if isinstance(member, tuple) else member
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"parameters must be tensors, got a {type(tensor).__name__}")
+            if tensor.requires_grad:
+                tensors.append(tensor)
+                balanced.append(bool(group.get("balance", True)))
+    if not tensors:
+        raise ValueError("none of the parameters requires grad")
+    return tensors, balanced
 
 
 def as_min_losses(
@@ -48,30 +88,52 @@ def as_min_losses(
         return torch.zeros(num_losses, dtype=torch.float64, device=device)
     bounds = torch.as_tensor(min_losses, dtype=torch.float64).to(device).reshape(-1)
     if bounds.numel() != num_losses:
-        raise ValueError(
-            f"min_losses has {bounds.numel()} entries but there are {num_losses} losses"
-        )
-    if not bounds.isfinite().all():
-        raise ValueError(f"min_losses must be finite, got {bounds.tolist()}")
+        raise ValueError(f"min_losses has {bounds.numel()} entries but {num_losses} losses")
     return bounds
 
 
-def describe_invalid_losses(values: torch.Tensor, min_losses: torch.Tensor) -> str | None:
+def checked_min_losses(min_losses: Sequence[float] | torch.Tensor | None) -> int | None:
+    """The k that ``min_losses`` fixes (None when not given), after checking it."""
+    if min_losses is None:
+        return None
+    bounds = torch.as_tensor(min_losses, dtype=torch.float64).reshape(-1)
+    if bounds.numel() < 2:
+        raise ValueError(
+            f"min_losses needs one bound per loss and balancing needs at least 2 losses, got "
+            f"{bounds.numel()} bound(s)"
+        )
+    if not bounds.isfinite().all():
+        raise ValueError(f"min_losses must be finite, got {bounds.tolist()}")
+    return bounds.numel()
+
+
+def describe_invalid_losses(
+    values: torch.Tensor, min_losses: torch.Tensor, names: Sequence[str] | None
+) -> str | None:
     """A message naming the first loss that is non-finite or not above its bound, else None."""
     for index, (value, bound) in enumerate(zip(values.tolist(), min_losses.tolist(), strict=True)):
+        label = loss_label(index, names)
         if not math.isfinite(value):
-            return f"loss {index} is {value}; losses must be finite"
+            return f"{label} is {value}; losses must be finite"
         if value <= bound:
             return (
-                f"loss {index} = {value:.6g} is not above its min_loss {bound:.6g}; the balancing "
+                f"{label} = {value:.6g} is not above its min_loss {bound:.6g}; the balancing "
                 f"uses log(L - m), so every loss must stay above its lower bound (set min_losses)"
             )
     return None
 
 
-def describe_invalid_gram(gram: torch.Tensor) -> str:
-    """A message naming the losses whose gradients are not finite."""
-    diagonal = gram.diagonal().tolist()
-    bad = [i for i, value in enumerate(diagonal) if not math.isfinite(value)]
-    named = ", ".join(f"loss {i} (squared norm {diagonal[i]})" for i in bad) or "their products"
-    return f"non-finite gradients: {named}; nothing was changed"
+def describe_unreached(reaches: Sequence[bool], names: Sequence[str] | None, what: str) -> str:
+    """A message naming the losses whose graph reaches none of ``what``."""
+    culprits = [loss_label(i, names) for i, reached in enumerate(reaches) if not reached]
+    return (
+        f"{', '.join(culprits)} reach(es) none of the {what}: its gradient there would be zero "
+        f"and stop the training silently (was it detached, or computed under torch.no_grad()?)"
+    )
+
+
+def describe_nonfinite(finite_rows: Sequence[bool] | None, names: Sequence[str] | None) -> str:
+    """A message naming the losses whose gradients are not finite, when known."""
+    culprits = [] if finite_rows is None else [i for i, ok in enumerate(finite_rows) if not ok]
+    named = ", ".join(loss_label(i, names) for i in culprits) or "the weighted loss"
+    return f"non-finite gradients of {named}; nothing was changed"

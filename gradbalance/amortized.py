@@ -88,28 +88,23 @@ class FamoState:
         """π = softmax(w), ``(k,)``."""
         return torch.softmax(self.logits, dim=0)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "logits": self.logits,
-            "grad": self.grad,
-            "exp_avg": self.exp_avg,
-            "exp_avg_sq": self.exp_avg_sq,
-            "step": self.step,
-        }
+    def to(self, device: torch.device, dtype: torch.dtype) -> FamoState:
+        """The same state on ``device`` in ``dtype``."""
+        tensors = {name: getattr(self, name).to(device, dtype) for name in _TENSORS}
+        return replace(self, **tensors)
 
-    def load(self, state: dict[str, Any]) -> FamoState:
-        """A new state with the saved values, moved to this state's device and dtype."""
-        if state["logits"].shape != self.logits.shape:
-            raise ValueError(
-                f"saved logits have shape {tuple(state['logits'].shape)}, "
-                f"expected {tuple(self.logits.shape)}"
-            )
-        like = self.logits
-        tensors = {
-            name: state[name].to(device=like.device, dtype=like.dtype)
-            for name in ("logits", "grad", "exp_avg", "exp_avg_sq")
-        }
-        return replace(self, **tensors, step=int(state["step"]))
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python numbers (float64 holds float32 and float16 values exactly)."""
+        return {**{name: getattr(self, name).tolist() for name in _TENSORS}, "step": self.step}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> FamoState:
+        """The state of :meth:`state_dict`, as float64 CPU tensors (:meth:`to` moves it)."""
+        tensors = {name: torch.tensor(state[name], dtype=torch.float64) for name in _TENSORS}
+        return cls(**tensors, step=int(state["step"]))
+
+
+_TENSORS = ("logits", "grad", "exp_avg", "exp_avg_sq")
 
 
 def famo_update(

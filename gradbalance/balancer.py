@@ -1,49 +1,137 @@
-"""One balanced backward — losses → per-task gradients → π → ``.grad`` — and the state it keeps.
+"""The balancing of k losses as a stateful object, in the spirit of ``torch.amp.GradScaler``.
 
-:class:`Balancer` is the algorithm behind :class:`gradbalance.MultiObjectiveOptimizer`, which adds
-the torch.optim side (param groups, the base optimizer, state dicts). Every call validates first
-and changes state last, so a call that raises changes nothing.
+:class:`Balancer` owns everything the balancing needs — the mode, its π state, the buffers, the
+micro-batch window — and writes the balanced gradient into ``.grad`` for whatever optimizer then
+steps. :class:`gradbalance.MultiObjectiveOptimizer` is a base optimizer plus a Balancer; codebases
+that own their optimizer (Hugging Face Trainer, Lightning's automatic optimisation, DeepSpeed) use
+a Balancer directly::
+
+    balancer = Balancer(mode="exact")
+    ...
+    balancer.backward({"distill": loss_distill, "task": loss_task}, model.parameters())
+    optimizer.step()
+
+One driver serves every mode: it checks the input, gathers micro-batches, validates (one host
+synchronisation), writes ``.grad`` and only then keeps the new state, so a call that raises
+changes nothing. The modes themselves are small classes (:class:`GramMode`, :class:`FamoMode`):
+what π is, and the state it needs. The math is docs/method.md's.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
-from . import distributed, engine
+from . import distributed, engine, exact
 from ._inputs import (
     LossesLike,
+    ParamsLike,
+    as_losses,
     as_min_losses,
-    describe_invalid_gram,
+    checked_min_losses,
     describe_invalid_losses,
-    stack_losses,
+    describe_nonfinite,
+    describe_unreached,
+    trainable,
 )
-from .amortized import FAMO_EPSILON, FamoHyperparameters, FamoState, famo_update
+from .amortized import FAMO_EPSILON, FamoHyperparameters, FamoState, PiOptimizer, famo_update
 from .diagnostics import gradient_statistics
+from .engine import Role
 from .weighting import affine_weights, loss_coefficients, min_norm_weights
 
-__all__ = ["Balancer", "Mode"]
+__all__ = ["Balancer", "FamoMode", "GramMode", "Mode"]
 
 Mode = Literal["exact", "amortized", "affine"]
-_GRAM_WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "exact": min_norm_weights,
-    "affine": affine_weights,
-}
+_STATE_VERSION = 1
+
+
+class GramMode:
+    """Exact and affine modes: π from the Gram matrix of the per-task log-loss gradients.
+
+    Args:
+        name: the mode's name. weighting: ``G (k, k) ↦ π (k,)``, a pure function of the Gram
+            matrix (:mod:`gradbalance.weighting`).
+    """
+
+    per_task = True
+
+    def __init__(self, name: str, weighting: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.name = name
+        self.weighting = weighting
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        return self.weighting(gram).to(torch.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to load: π depends on the current gradients only."""
+
+
+class FamoMode:
+    """Amortized mode (FAMO): π = softmax(w), the logits w stepped from the log-loss decrease.
+
+    The logits and their moments (:class:`gradbalance.amortized.FamoState`) and the losses of the
+    last balanced backward, whose decrease the next update measures.
+    """
+
+    name = "amortized"
+    per_task = False
+
+    def __init__(self, hyper: FamoHyperparameters) -> None:
+        self.hyper = hyper
+        self.famo: FamoState | None = None
+        self.previous_losses: torch.Tensor | None = None
+
+    def current(self, num_losses: int, like: torch.Tensor) -> FamoState:
+        """The state on ``like``'s device (a fresh one before the first balanced backward)."""
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        if self.famo is None:
+            return FamoState.initial(num_losses, like.device, dtype)
+        return self.famo.to(like.device, dtype)
+
+    def advanced(
+        self, famo: FamoState, current: torch.Tensor, min_losses: torch.Tensor
+    ) -> FamoState:
+        """The state after learning from the decrease since the last balanced backward (pure)."""
+        if self.previous_losses is None:
+            return famo
+        previous = self.previous_losses.to(current.device)
+        return famo_update(famo, previous, current, min_losses, self.hyper)
+
+    def commit(self, famo: FamoState, losses: torch.Tensor | None) -> None:
+        self.famo, self.previous_losses = famo, losses
+
+    def state_dict(self) -> dict[str, Any]:
+        empty = {"logits": [], "grad": [], "exp_avg": [], "exp_avg_sq": [], "step": 0}
+        return {
+            "famo": empty if self.famo is None else self.famo.state_dict(),
+            "previous_losses": _floats(self.previous_losses),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        famo = state["famo"]
+        self.famo = FamoState.from_state_dict(famo) if famo["logits"] else None
+        previous = state["previous_losses"]
+        self.previous_losses = torch.tensor(previous, dtype=torch.float64) if previous else None
 
 
 @dataclass(frozen=True)
 class _Window:
-    """Micro-batches accumulated since the last balanced backward: their loss sum and count."""
+    """Micro-batches gathered since the last balanced backward: their loss sum and count, and
+    the row scale ρ of the per-task gradients (fixed by the first micro-batch)."""
 
     loss_sum: torch.Tensor  # (k,) float64, averaged over ranks
     count: int
+    rho: torch.Tensor | None  # (k,) float64; None in amortized mode
 
     def add(self, values: torch.Tensor) -> _Window:
-        return _Window(self.loss_sum + values, self.count + 1)
+        return _Window(self.loss_sum + values, self.count + 1, self.rho)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -52,243 +140,478 @@ class _Window:
 
 @dataclass(frozen=True)
 class _Step:
-    """One backward call's inputs: the (possibly scaled) losses and their unscaled values."""
+    """One backward call's checked inputs."""
 
-    losses: torch.Tensor  # (k,), with graph; multiplied by the grad scaler's scale if any
-    values: torch.Tensor  # (k,) float64, unscaled, averaged over the ranks
+    losses: torch.Tensor  # (k,), with graph, unscaled
+    names: tuple[str, ...] | None
+    values: torch.Tensor  # (k,) float64, averaged over the ranks
     min_losses: torch.Tensor  # (k,) float64
-    scale: torch.Tensor | None  # the grad scaler's scale, 0-d
+    scale: torch.Tensor | None  # the grad scaler's scale, 0-d float64
     accumulate: bool
     layout: distributed.Layout
+    tensors: list[torch.Tensor]  # the trainable parameters, then the leaves outside them
+    roles: list[Role]
+    reaches: torch.Tensor  # (k,) bool: loss i's graph reaches a parameter it is balanced on
 
     @property
     def scaled(self) -> bool:
         return self.scale is not None
 
+    def reached_only(self, gradients: list) -> tuple[_Step, list]:
+        """This step without the outside leaves that got no gradient (under FSDP, the unsharded
+        parameters: FSDP takes their gradients itself), and the gradients without theirs."""
+        keep = [
+            i
+            for i, (role, gradient) in enumerate(zip(self.roles, gradients, strict=True))
+            if role is not Role.OUTSIDE or gradient is not None
+        ]
+        if len(keep) == len(gradients):
+            return self, gradients
+        step = replace(
+            self, tensors=[self.tensors[i] for i in keep], roles=[self.roles[i] for i in keep]
+        )
+        return step, [gradients[i] for i in keep]
+
+    def describe(self, index: int) -> str:
+        tensor = self.tensors[index]
+        where = (
+            "a leaf outside the parameters" if self.roles[index] is Role.OUTSIDE else "a parameter"
+        )
+        return f"{where} of shape {tuple(tensor.shape)}"
+
 
 class Balancer:
-    """The balancing of k losses: π, the balanced gradient in ``.grad``, the state between calls.
+    """Balances k losses at the gradient level and writes the result into ``.grad``.
+
+    Each :meth:`backward` chooses weights π on the simplex for the log-losses
+    ``log(L_i − m_i)``, whose gradients are ``g_i = ∇L_i / (L_i − m_i)``, and adds the direction
+    ``d = Σ_i π_i g_i`` into ``.grad`` of the parameters, as ``loss.backward()`` adds the
+    gradient of a loss. Any optimizer then steps on it.
+
+    Modes:
+
+    * ``"exact"`` (MoKD eq. 9, MGDA): per-task gradients from one vectorised backward, their Gram
+      matrix accumulated in float64, ``π = argmin_{π ∈ Δ} ‖Σ π_i g_i‖²`` solved exactly
+      (:func:`gradbalance.weighting.min_norm_weights`). ``d`` never conflicts with any
+      objective: ``⟨d, g_i⟩ ≥ ‖d‖² ≥ 0``.
+    * ``"amortized"`` (FAMO): one ordinary backward of the π-weighted sum; π = softmax(w), the
+      logits w stepped by a small Adam(W) (``pi_lr``, ``pi_weight_decay``, ``pi_optimizer``)
+      from how much each log-loss decreased between consecutive balanced backward calls; or call
+      :meth:`update_weights` after the optimizer's step with the losses re-measured on the same
+      batch (FAMO's own scheme).
+    * ``"affine"``: the paper's Theorem 3.1 without π ≥ 0, for reproducing the paper only — it
+      stops training when the objectives agree (:func:`gradbalance.weighting.affine_weights`).
+
+    ``.grad`` is written as ``Tensor.backward`` writes it: torch's layout contract (strides of the
+    parameter, no aliasing; after ``zero_grad()`` a new buffer, so a ``.grad`` kept from an
+    earlier step never changes), accumulated into an existing ``.grad``, post-accumulate-grad
+    hooks run afterwards. Leaves of the losses' graph that are not among ``params`` (a head
+    trained by another optimizer, an input with ``requires_grad``) get the gradient of the same
+    balanced combination, as ``loss.backward()`` would give them one.
+
+    Under ``torch.distributed`` (a process group with more than one rank) loss values and
+    gradients are averaged over the ranks before π is computed: every rank computes the same π and
+    the step equals one process on the global batch.
+
+    Bad input raises :class:`ValueError` naming the loss, before anything changes (no ``.grad``,
+    no π state): fewer than two losses, a loss that is not a scalar tensor, a loss that is
+    detached or whose graph reaches none of the parameters, a different number or naming of
+    losses than before, a loss that is NaN, infinite or not above its ``min_loss``, non-finite
+    gradients (raised rather than skipped, so that a NaN never reaches the weights silently —
+    except with a ``grad_scaler``, whose step skips them), sparse gradients. Checking costs one
+    host synchronisation per :meth:`backward` (one more per accumulated micro-batch, and under
+    torch.distributed).
 
     Args:
-        mode: ``"exact"``, ``"amortized"`` or ``"affine"`` (see
-            :class:`gradbalance.MultiObjectiveOptimizer`).
-        normalize: whether the direction is divided by ``Σ_j π_j / (L_j − m_j)``.
-        min_losses: the bounds m (None: zeros); its length fixes k.
-        famo_hyper: the π optimizer of amortized mode.
-        stats_every: amortized mode's statistics period (0: never).
+        mode: ``"exact"``, ``"amortized"`` or ``"affine"``.
+        min_losses: lower bounds ``m_i`` of the losses (default 0), so that losses that can be
+            negative work; its length fixes k.
+        normalize: divide ``d`` by ``Σ_j π_j / (L_j − m_j)``, which makes the update a convex
+            combination of the raw gradients ``∇L_i`` (FAMO's scaling). Default: True in amortized
+            mode, False otherwise (the paper's step ``θ ← θ − η d``). Not allowed in affine mode,
+            whose π can be negative.
+        pi_lr, pi_weight_decay, pi_optimizer: the optimizer of the logits in amortized mode
+            (``"adamw"``, lr 0.025, weight decay 0.01: the paper; ``"adam"``: FAMO's code).
+        stats_every: in amortized mode, also compute the per-task gradient statistics every
+            ``stats_every``-th backward (costs the per-task backward on those calls; 0 = never).
+            Exact and affine modes compute them on every call anyway.
+        vectorize: how the per-task gradients are computed: ``True``, one vmapped backward
+            (``torch.autograd.grad(..., is_grads_batched=True)``); ``False``, k backward passes;
+            ``None`` (default), vmapped, falling back for good (with a warning) to k passes the
+            first time vmap cannot batch an operator. :attr:`vectorize` tells the choice made.
     """
 
     def __init__(
         self,
-        mode: Mode,
-        normalize: bool,
-        min_losses: Any,
-        famo_hyper: FamoHyperparameters,
-        stats_every: int,
+        mode: Mode = "exact",
+        *,
+        min_losses: Sequence[float] | torch.Tensor | None = None,
+        normalize: bool | None = None,
+        pi_lr: float = 0.025,
+        pi_weight_decay: float = 0.01,
+        pi_optimizer: PiOptimizer = "adamw",
+        stats_every: int = 0,
+        vectorize: bool | None = None,
     ) -> None:
-        self.mode = mode
+        if mode not in ("exact", "amortized", "affine"):
+            raise ValueError(f"mode must be 'exact', 'amortized' or 'affine', got {mode!r}")
+        normalize = mode == "amortized" if normalize is None else normalize
+        if normalize and mode == "affine":
+            raise ValueError("normalize=True needs non-negative weights; affine mode has none")
+        if stats_every < 0:
+            raise ValueError(f"stats_every must be ≥ 0, got {stats_every}")
+        hyper = FamoHyperparameters(pi_lr, pi_weight_decay, pi_optimizer)
         self.normalize = normalize
-        self.famo_hyper = famo_hyper
         self.stats_every = stats_every
-        self.min_losses_arg = min_losses
-        self.num_losses: int | None = None
-        if min_losses is not None:
-            count = torch.as_tensor(min_losses).numel()
-            as_min_losses(min_losses, count, torch.device("cpu"))  # validates now
-            self.num_losses = count
-        self.min_losses: torch.Tensor | None = None
-        self.famo: FamoState | None = None
-        self.previous_losses: torch.Tensor | None = None
+        self._mode: GramMode | FamoMode = (
+            FamoMode(hyper)
+            if mode == "amortized"
+            else GramMode(mode, min_norm_weights if mode == "exact" else affine_weights)
+        )
+        self._min_losses_arg = min_losses
+        self.num_losses: int | None = checked_min_losses(min_losses)
+        self.loss_names: tuple[str, ...] | None = None
         self.backward_calls = 0
-        self.vectorize: bool | None = None  # None: not tried yet
-        self.flat: engine.FlatGradients | None = None
-        self.flat_key: tuple = ()
-        self.window: _Window | None = None
         self.weights: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
+        self._gram: torch.Tensor | None = None
+        self._vectorize = vectorize  # None: not tried yet
+        self._flat: engine.FlatGradients | None = None
+        self._flat_key: tuple = ()
+        self._window: _Window | None = None
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode.name  # type: ignore[return-value]
+
+    @property
+    def vectorize(self) -> bool | None:
+        """Whether the per-task gradients come from one vmapped backward (None: not known yet)."""
+        return self._vectorize
+
+    @property
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """π of the last balanced backward by loss name (``"0"``, ``"1"``, … for unnamed
+        losses); empty before the first."""
+        if self.weights is None:
+            return {}
+        names = self.loss_names or tuple(str(i) for i in range(len(self.weights)))
+        return dict(zip(names, self.weights.unbind(), strict=True))
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """Micro-batches gathered with ``accumulate=True`` and not balanced yet."""
+        return 0 if self._window is None else self._window.count
+
+    def discard_micro_batches(self) -> None:
+        """Drops the micro-batches gathered but not balanced (``zero_grad`` calls it)."""
+        self._window = None
+
+    # -- the balanced backward -------------------------------------------------------------------
 
     def backward(
         self,
         losses: LossesLike,
-        params: list[torch.Tensor],
-        balanced: list[bool],
+        params: ParamsLike,
         *,
-        accumulate: bool,
-        retain_graph: bool,
-        grad_scaler: torch.amp.GradScaler | None,
+        accumulate: bool = False,
+        retain_graph: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        """See :meth:`gradbalance.MultiObjectiveOptimizer.backward`; ``balanced`` says, per
-        parameter, whether it enters the Gram matrix."""
-        losses = stack_losses(losses)
-        if not losses.requires_grad:
-            raise ValueError(
-                "none of the losses requires grad: were they computed under torch.no_grad()?"
-            )
-        if self.mode == "amortized" and not all(balanced):
+        """Computes π for ``losses`` and adds the balanced gradient into ``.grad`` of ``params``.
+
+        Args:
+            losses: k ≥ 2 scalar losses — a list, a tuple, a 1-D tensor, or a mapping of names to
+                losses (``{"distill": ..., "task": ...}``, its order kept) — in the same order and
+                with the same names every call; the first two are read as (distillation, task)
+                by the statistics.
+            params: the parameters π is computed for: tensors, ``(name, tensor)`` pairs or
+                param-group dicts (an optimizer's ``param_groups``); a group with
+                ``"balance": False`` stays out of the Gram matrix and gets the plain sum of the
+                objectives (π_i = 1; exact and affine modes).
+            accumulate: this is a micro-batch, not the last one: keep its gradients (per task in
+                exact mode, π-weighted in amortized mode) and loss values, and leave ``.grad``
+                alone. The next call without ``accumulate`` balances the *mean* of the
+                micro-batches' gradients and losses — the same as one batch made of all of them,
+                when each loss is a mean over equally sized micro-batches (do not divide the
+                losses by the number of micro-batches). In amortized mode π is fixed within the
+                window and updated once, on the last micro-batch.
+            retain_graph: keep the autograd graph, as in :meth:`torch.Tensor.backward`.
+            grad_scaler: a :class:`torch.amp.GradScaler`: the gradients are computed scaled by
+                it (``.grad`` holds the scaled gradient, for ``scaler.unscale_`` /
+                ``scaler.step``) while π and the statistics use the unscaled values. Non-finite
+                gradients then do not raise: they reach ``.grad`` so that ``scaler.step`` skips
+                the step, and the balancing state stays as it was.
+
+        Parameters that a loss does not reach count as zero for that loss; parameters that no loss
+        reaches keep ``.grad`` as it was. Afterwards :attr:`weights` holds π (float64, ``(k,)``)
+        and :attr:`stats` the gradient diagnostics.
+        """
+        step = self._checked_step(losses, params, accumulate, grad_scaler)
+        if self._mode.per_task:
+            self._gram_backward(step, retain_graph)
+        else:
+            self._amortized_backward(step, retain_graph)
+
+    def update_weights(self, losses: LossesLike) -> None:
+        """Amortized mode, FAMO's scheme: update π from the losses re-measured after the step.
+
+        Call it after the optimizer's step with the losses of the same batch (a no-grad
+        re-forward; with micro-batches, their mean); the logits move by how much each log-loss
+        decreased since the last balanced :meth:`backward`, and the next :meth:`backward` does
+        not update them again.
+        """
+        if not isinstance(self._mode, FamoMode):
+            raise ValueError(f"update_weights is for mode='amortized', this one is {self.mode!r}")
+        if self._mode.previous_losses is None:
+            raise ValueError("update_weights needs a backward() since the last update")
+        names, items = self._in_known_order(*_as_values(losses))
+        famo = self._mode.famo
+        min_losses = self._bounds(len(items), famo.logits.device)
+        values = torch.stack([item.detach().reshape(()).to(torch.float64) for item in items])
+        values = distributed.Layout(distributed.default_group(), False).average(
+            values.to(min_losses.device)
+        )
+        no_reach = torch.ones(len(values), dtype=torch.bool, device=values.device)
+        self._check(values, min_losses, no_reach, torch.tensor(True), names)
+        self._mode.commit(self._mode.advanced(famo, values, min_losses), None)
+
+    # -- input -----------------------------------------------------------------------------------
+
+    def _checked_step(
+        self,
+        losses: LossesLike,
+        params: ParamsLike,
+        accumulate: bool,
+        grad_scaler: torch.amp.GradScaler | None,
+    ) -> _Step:
+        names, items = self._in_known_order(*as_losses(losses))
+        owned, balanced = trainable(params)
+        roles = [Role.BALANCED if flag else Role.PLAIN for flag in balanced]
+        if not self._mode.per_task and Role.PLAIN in roles:
             raise ValueError(
                 "'balance': False is for the exact and affine modes: amortized mode computes no "
                 "per-task gradients, so there is nothing to leave out"
             )
-        if not any(balanced):
+        if Role.BALANCED not in roles:
             raise ValueError("every param group has 'balance': False; nothing to balance")
-        min_losses, famo = self._balancing_state_for(len(losses), params[0])
-        layout = distributed.Layout.of(params)
-        values = layout.average(losses.detach().to(torch.float64, copy=True))
+        stacked = torch.stack(items)
+        owned_ids = {id(tensor) for tensor in owned}
+        outside = [leaf for leaf in engine.graph_leaves(stacked) if id(leaf) not in owned_ids]
+        balanced_ids = {
+            id(t) for t, role in zip(owned, roles, strict=True) if role is Role.BALANCED
+        }
+        layout = distributed.Layout.of(owned)
+        # FSDP's graph reaches the sharded parameters through unsharded copies: no structure to
+        # follow, requires_grad is all there is to check.
+        reaches = torch.tensor(
+            [
+                loss.requires_grad and (layout.sharded or engine.reaches(loss, balanced_ids))
+                for loss in items
+            ],
+            device=stacked.device,
+        )
+        values = layout.average(stacked.detach().to(torch.float64, copy=True))
         scale = None
         if grad_scaler is not None and grad_scaler.is_enabled():
-            scale = grad_scaler.scale(torch.ones((), dtype=torch.float64, device=losses.device))
-            losses = grad_scaler.scale(losses)
-        step = _Step(losses, values, min_losses, scale, accumulate, layout)
-        if self.mode == "amortized":
-            self._amortized_backward(step, params, famo, retain_graph)
-        else:
-            self._exact_backward(step, params, balanced, retain_graph)
-
-    def update_weights(self, losses: LossesLike, params: list[torch.Tensor]) -> None:
-        """See :meth:`gradbalance.MultiObjectiveOptimizer.update_weights`."""
-        if self.mode != "amortized":
-            raise ValueError(
-                f"update_weights is for mode='amortized', this optimizer is {self.mode!r}"
-            )
-        if self.previous_losses is None:
-            raise ValueError("update_weights needs a backward() since the last update")
-        values = stack_losses(losses).detach().to(torch.float64)
-        if len(values) != self.num_losses:
-            raise ValueError(f"expected {self.num_losses} losses, got {len(values)}")
-        values = distributed.Layout.of(params).average(values.to(params[0].device))
-        self._raise_if_invalid(values, self.min_losses, torch.tensor(True), None)
-        self.famo = famo_update(
-            self.famo, self.previous_losses, values, self.min_losses, self.famo_hyper
+            # scale() of a tensor of ones: the scale on the device, without reading it back
+            scale = grad_scaler.scale(torch.ones((), dtype=torch.float64, device=stacked.device))
+        return _Step(
+            losses=stacked,
+            names=names,
+            values=values,
+            min_losses=self._bounds(len(items), stacked.device),
+            scale=scale,
+            accumulate=accumulate,
+            layout=layout,
+            tensors=owned + outside,
+            roles=roles + [Role.OUTSIDE] * len(outside),
+            reaches=layout.any_rank(reaches),
         )
-        self.previous_losses = None
+
+    def _in_known_order(
+        self, names: tuple[str, ...] | None, items: list[torch.Tensor]
+    ) -> tuple[tuple[str, ...] | None, list[torch.Tensor]]:
+        """The losses, checked against earlier calls, in the order their names first came in."""
+        self._check_count(len(items), names)
+        if names is not None and self.loss_names is not None and names != self.loss_names:
+            items = [items[names.index(name)] for name in self.loss_names]
+            names = self.loss_names
+        return names, items
+
+    def _check_count(self, count: int, names: tuple[str, ...] | None) -> None:
+        """Refuses a number or naming of losses that does not match the window, ``min_losses``
+        or earlier calls."""
+        window = self._window
+        if window is not None and count != len(window.loss_sum):
+            raise ValueError(
+                f"this micro-batch has {count} losses, the ones accumulated before it "
+                f"{len(window.loss_sum)}"
+            )
+        if self.num_losses is not None and count != self.num_losses:
+            if self.backward_calls == 0 and self._min_losses_arg is not None:
+                raise ValueError(f"min_losses has {self.num_losses} entries but got {count} losses")
+            raise ValueError(f"expected {self.num_losses} losses as in earlier steps, got {count}")
+        known = self.loss_names
+        if known is not None and (names is None or set(names) != set(known)):
+            raise ValueError(
+                f"the losses were named {list(known)} in earlier steps, got "
+                f"{'unnamed losses' if names is None else list(names)}"
+            )
+        if known is None and names is not None and self.backward_calls > 0:
+            raise ValueError(f"the losses were unnamed in earlier steps, got names {list(names)}")
+
+    def _bounds(self, num_losses: int, device: torch.device) -> torch.Tensor:
+        return as_min_losses(self._min_losses_arg, num_losses, device)
 
     # -- exact and affine modes ------------------------------------------------------------------
 
-    def _exact_backward(
-        self, step: _Step, params: list[torch.Tensor], balanced: list[bool], retain_graph: bool
-    ) -> None:
-        blocks = self._task_gradients(step, params, retain_graph)
-        flat = self._flat_gradients(params, balanced, len(step.losses))
-        window = self._gather(step, _extend(self.window, step.values), flat, blocks)
-        if window is None:
+    def _gram_backward(self, step: _Step, retain_graph: bool) -> None:
+        window = self._opened(step)
+        rho = window.rho.to(step.losses.dtype)  # the scale the rows are computed with
+        step, blocks = step.reached_only(self._task_gradients(step, rho, retain_graph))
+        flat = self._flat_gradients(step, len(step.losses))
+        if not self._gather(step, window, flat, blocks):
             return
         shifted = window.mean - step.min_losses
-        gram = step.layout.global_gram(flat.gram()) / (shifted[:, None] * shifted[None, :])
-        if step.scale is not None:
-            gram = gram / step.scale.square()
-        finite = self._raise_if_invalid(
-            window.mean, step.min_losses, gram.isfinite().all(), gram, step.scaled
+        rho64 = rho.to(torch.float64)
+        gram = exact.log_loss_gram(step.layout.global_gram(flat.gram()), rho64, shifted)
+        finite = self._check(
+            window.mean,
+            step.min_losses,
+            step.reaches,
+            gram.isfinite().all(),
+            step.names,
+            culprits=flat.finite_rows,
+            allow_nonfinite=step.scaled,
         )
-        weights = _GRAM_WEIGHTINGS[self.mode](gram)
-        flat.write_grad(
-            loss_coefficients(weights, shifted, normalize=self.normalize),
-            loss_coefficients(torch.ones_like(weights), shifted, normalize=self.normalize),
+        # Overflowed under a grad scaler: any finite π; .grad is non-finite and the step skipped.
+        weights = self._mode.weights(gram) if finite else torch.full_like(shifted, 1 / len(gram))
+        coefficients = exact.row_coefficients(
+            weights, rho64, shifted, step.scale, normalize=self.normalize
         )
+        plain = exact.row_coefficients(
+            torch.ones_like(weights), rho64, shifted, step.scale, normalize=self.normalize
+        )
+        written = flat.write_grad(
+            {Role.BALANCED: coefficients, Role.OUTSIDE: coefficients, Role.PLAIN: plain}
+        )
+        engine.run_post_accumulate_grad_hooks(written)
         if finite:
             self._commit(step, weights, gram)
 
-    def _task_gradients(
-        self, step: _Step, params: list[torch.Tensor], retain_graph: bool
-    ) -> engine.Blocks:
-        """Per-task gradient blocks: one vmapped backward, else k backward passes (sharded
-        parameters, or operators vmap cannot batch)."""
-        losses = step.losses
+    def _opened(self, step: _Step) -> _Window:
+        """The window with this micro-batch; opening one fixes the rows' scale ρ."""
+        if self._window is not None:
+            return self._window.add(step.values)
+        rho = (
+            exact.row_scale(step.values - step.min_losses, step.scale)
+            if self._mode.per_task
+            else None
+        )
+        return _Window(step.values, 1, rho)
+
+    def _task_gradients(self, step: _Step, rho: torch.Tensor, retain_graph: bool) -> engine.Blocks:
+        """Per-task gradients ``ρ_i ∇L_i``: k backward passes for sharded parameters, else one
+        vmapped backward, or k passes where vmap cannot batch an operator."""
         if step.layout.sharded:
-            passes = engine.backward_gradients(list(losses), params, retain_graph=retain_graph)
-            return engine.stack_tasks(passes, params)
-        if self.vectorize is not False:
+            scaled = [loss * scale for loss, scale in zip(step.losses, rho, strict=True)]
+            passes = engine.backward_gradients(scaled, step.tensors, retain_graph=retain_graph)
+            blocks = engine.stack_tasks(passes, step.tensors)
+        else:
+            blocks = self._autograd_task_gradients(step.losses, rho, step.tensors, retain_graph)
+        engine.require_dense(blocks, step.describe)
+        return blocks
+
+    def _autograd_task_gradients(
+        self,
+        losses: torch.Tensor,
+        rho: torch.Tensor,
+        tensors: list[torch.Tensor],
+        retain_graph: bool,
+    ) -> engine.Blocks:
+        if self._vectorize is not False:
             try:
                 blocks = engine.task_gradients(
                     losses,
-                    params,
+                    rho,
+                    tensors,
                     vectorize=True,
                     # The first try keeps the graph so that the fallback can still run on it.
-                    retain_graph=retain_graph or self.vectorize is None,
+                    retain_graph=retain_graph or self._vectorize is None,
                 )
             except RuntimeError as error:
-                if self.vectorize:
+                if self._vectorize:
                     raise
                 warnings.warn(
                     f"the vectorised per-task backward failed ({error}); using "
                     f"{len(losses)} sequential backward passes from now on",
-                    stacklevel=4,
+                    stacklevel=6,
                 )
-                self.vectorize = False
+                self._vectorize = False
             else:
-                self.vectorize = True
+                self._vectorize = True
                 return blocks
-        return engine.task_gradients(losses, params, vectorize=False, retain_graph=retain_graph)
-
-    def _flat_gradients(
-        self, params: list[torch.Tensor], balanced: list[bool], num_losses: int
-    ) -> engine.FlatGradients:
-        """The flat buffers for these parameters, rebuilt only when the parameters change."""
-        key = (num_losses, *((id(p), b) for p, b in zip(params, balanced, strict=True)))
-        if key != self.flat_key:
-            if self.window is not None:
-                raise ValueError(
-                    "the trainable parameters changed between accumulated micro-batches"
-                )
-            self.flat = engine.FlatGradients(params, balanced, num_losses)
-            self.flat_key = key
-        return self.flat
+        return engine.task_gradients(
+            losses, rho, tensors, vectorize=False, retain_graph=retain_graph
+        )
 
     # -- amortized mode --------------------------------------------------------------------------
 
-    def _amortized_backward(
-        self, step: _Step, params: list[torch.Tensor], famo: FamoState, retain_graph: bool
-    ) -> None:
-        window = _extend(self.window, step.values)
-        if not step.accumulate and self.previous_losses is not None:
-            famo = famo_update(
-                famo, self.previous_losses, window.mean, step.min_losses, self.famo_hyper
-            )
+    def _amortized_backward(self, step: _Step, retain_graph: bool) -> None:
+        mode = self._mode
+        window = self._opened(step)
+        famo = mode.current(len(step.losses), step.tensors[0])
+        if not step.accumulate:
+            famo = mode.advanced(famo, window.mean, step.min_losses)
         weights = famo.weights.to(torch.float64)
         coefficients = loss_coefficients(
             weights, step.values - step.min_losses + FAMO_EPSILON, normalize=self.normalize
         )
-        gram = self._amortized_statistics(step, params)
+        if step.scale is not None:
+            coefficients = coefficients * step.scale
+        gram = self._amortized_statistics(step)
         grads = engine.weighted_gradient(
             step.losses,
             coefficients,
-            params,
+            step.tensors,
             retain_graph=retain_graph,
             by_backward=step.layout.sharded,
         )
-        if step.accumulate or self.window is not None or step.layout.group is not None:
-            finite = self._amortized_through_buffer(step, window, params, grads, gram)
-        else:  # one batch, one process: straight into .grad
-            finite = self._raise_if_invalid(
-                step.values, step.min_losses, engine.all_finite(grads), gram, step.scaled
+        engine.require_dense(grads, step.describe)
+        step, grads = step.reached_only(grads)
+        flat = self._flat_gradients(step, 1)
+        if step.accumulate or self._window is not None or step.layout.group is not None:
+            blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
+            if not self._gather(step, window, flat, blocks):
+                return
+            finite = step.layout.all_ranks(engine.all_finite(flat.task_buffers))
+            finite = self._check(
+                window.mean,
+                step.min_losses,
+                step.reaches,
+                finite,
+                step.names,
+                allow_nonfinite=step.scaled,
             )
-            engine.accumulate_grad(params, grads)
-        if finite and not step.accumulate:
-            self.famo = famo
-            self.previous_losses = window.mean
+            one = torch.ones(1, dtype=torch.float64, device=step.values.device)
+            written = flat.write_grad(dict.fromkeys(Role, one))
+        else:  # one batch, one process: straight into .grad
+            finite = self._check(
+                step.values,
+                step.min_losses,
+                step.reaches,
+                engine.all_finite(grads),
+                step.names,
+                allow_nonfinite=step.scaled,
+            )
+            written = flat.write_grad_from(grads)
+        engine.run_post_accumulate_grad_hooks(written)
+        if finite:
+            mode.commit(famo, window.mean)
             self._commit(step, weights, gram)
 
-    def _amortized_through_buffer(
-        self,
-        step: _Step,
-        window: _Window,
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor | None],
-        gram: torch.Tensor | None,
-    ) -> bool:
-        """Micro-batches and ranks: the weighted gradients are summed in flat ``(1, n)`` buffers
-        and averaged over micro-batches and ranks before they reach ``.grad``. Returns whether
-        the gradients are finite (always True for a held micro-batch)."""
-        flat = self._flat_gradients(params, [True] * len(params), 1)
-        blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
-        if self._gather(step, window, flat, blocks) is None:
-            return True
-        finite = step.layout.all_ranks(engine.all_finite(flat.task_buffers))
-        finite = self._raise_if_invalid(window.mean, step.min_losses, finite, gram, step.scaled)
-        one = torch.ones(1, dtype=torch.float64, device=flat.task_buffers[0].device)
-        flat.write_grad(one, one)
-        return finite
-
-    def _amortized_statistics(self, step: _Step, params: list[torch.Tensor]) -> torch.Tensor | None:
+    def _amortized_statistics(self, step: _Step) -> torch.Tensor | None:
         """The Gram matrix of the log-loss gradients on every ``stats_every``-th call, else None.
 
         Observational: the update is always the one weighted backward, so statistics cannot change
@@ -296,143 +619,190 @@ class Balancer:
         """
         if not self.stats_every or self.backward_calls % self.stats_every:
             return None
-        blocks = self._task_gradients(step, params, retain_graph=True)
         shifted = step.values - step.min_losses
-        gram = engine.gram_matrix(blocks) / (shifted[:, None] * shifted[None, :])
-        return gram if step.scale is None else gram / step.scale.square()
+        rho = exact.row_scale(shifted, step.scale).to(step.losses.dtype)
+        blocks = self._task_gradients(step, rho, retain_graph=True)
+        return exact.log_loss_gram(engine.gram_matrix(blocks), rho.to(torch.float64), shifted)
 
     # -- shared pieces ---------------------------------------------------------------------------
 
-    def _balancing_state_for(
-        self, num_losses: int, like: torch.Tensor
-    ) -> tuple[torch.Tensor, FamoState | None]:
-        """The bounds m and the FAMO state for k losses, created on first use (and kept only
-        once a backward succeeds)."""
-        if self.num_losses is not None and num_losses != self.num_losses:
-            raise ValueError(
-                f"expected {self.num_losses} losses as in earlier steps, got {num_losses}"
-            )
-        if self.min_losses is None:
-            return self.initial_state(num_losses, like)
-        return self.min_losses, self.famo
-
-    def initial_state(
-        self, num_losses: int, like: torch.Tensor
-    ) -> tuple[torch.Tensor, FamoState | None]:
-        """Bounds m and a fresh FAMO state for k losses, on ``like``'s device."""
-        min_losses = as_min_losses(self.min_losses_arg, num_losses, like.device)
-        famo = None
-        if self.mode == "amortized":
-            dtype = torch.promote_types(like.dtype, torch.float32)
-            famo = FamoState.initial(num_losses, like.device, dtype)
-        return min_losses, famo
+    def _flat_gradients(self, step: _Step, num_tasks: int) -> engine.FlatGradients:
+        """The flat buffers for these tensors, rebuilt only when the tensors change."""
+        key = (
+            num_tasks,
+            *((id(t), role) for t, role in zip(step.tensors, step.roles, strict=True)),
+        )
+        if key != self._flat_key:
+            if self._window is not None:
+                raise ValueError(
+                    "the trainable parameters changed between accumulated micro-batches"
+                )
+            self._flat = engine.FlatGradients(step.tensors, step.roles, num_tasks)
+            self._flat_key = key
+        return self._flat
 
     def _gather(
         self, step: _Step, window: _Window, flat: engine.FlatGradients, blocks: engine.Blocks
-    ) -> _Window | None:
+    ) -> bool:
         """Adds this micro-batch's blocks to ``flat``; ``window`` is the accumulation window with
-        it. Returns the window once it is complete — ``flat`` then holds its means over
-        micro-batches and ranks — or None while micro-batches are held.
+        it. Returns whether the window is complete — ``flat`` then holds its means over
+        micro-batches and ranks — or False while micro-batches are held.
 
         A micro-batch that joins or opens a window is checked first (one host synchronisation),
         so that a bad one cannot spoil those held: its losses and gradients must be finite, and
         on the last micro-batch the mean losses must be above their bounds.
         """
-        if step.accumulate or self.window is not None:
+        if step.accumulate or self._window is not None:
             finite = step.layout.all_ranks(engine.all_finite(blocks))  # every rank: one branch
             if step.accumulate:
                 values, bounds = step.values, torch.full_like(step.values, -torch.inf)
             else:
                 values, bounds = window.mean, step.min_losses
-            self._raise_if_invalid(values, bounds, finite, None, step.scaled)
-        flat.store(blocks, accumulate=self.window is not None)
+            self._check(
+                values, bounds, step.reaches, finite, step.names, allow_nonfinite=step.scaled
+            )
+        flat.store(blocks, accumulate=self._window is not None)
         if step.accumulate:
-            self.window = window
-            return None
-        self.window = None  # the micro-batches are consumed from here on
+            self._window = window
+            return False
+        self._window = None  # the micro-batches are consumed from here on
         _average(flat, window.count, step.layout)
-        return window
+        return True
 
-    def _raise_if_invalid(
+    def _check(
         self,
         values: torch.Tensor,
         bounds: torch.Tensor,
+        reaches: torch.Tensor,
         gradients_finite: torch.Tensor,
-        gram: torch.Tensor | None,
+        names: tuple[str, ...] | None,
+        *,
+        culprits: Callable[[], torch.Tensor] | None = None,
         allow_nonfinite: bool = False,
     ) -> bool:
-        """Whether the gradients are finite; raises on invalid losses, and on non-finite gradients
-        unless ``allow_nonfinite``. One host synchronisation; messages are built only on failure.
-        """
-        losses_valid = (values.isfinite() & (values > bounds)).all()
-        checks = torch.stack([losses_valid, gradients_finite.to(losses_valid.device)]).tolist()
-        if all(checks):
+        """Whether the gradients are finite; raises on losses that are invalid or reach no
+        parameter, and on non-finite gradients unless ``allow_nonfinite``. One host
+        synchronisation; messages are built only on failure (``culprits()``: which rows of the
+        per-task gradients are finite)."""
+        losses_valid = values.isfinite() & (values > bounds)
+        device = losses_valid.device
+        flags = torch.cat(
+            [losses_valid, reaches.to(device), gradients_finite.to(device).reshape(1)]
+        ).tolist()
+        if all(flags):
             return True
-        message = describe_invalid_losses(values, bounds)
+        k = len(values)
+        if not all(flags[k : 2 * k]):
+            raise ValueError(
+                describe_unreached(flags[k : 2 * k], names, "parameters it is balanced on")
+            )
+        message = describe_invalid_losses(values, bounds, names)
         if message is not None:
             raise ValueError(message)
         if allow_nonfinite:
             return False
         raise ValueError(
-            describe_invalid_gram(gram)
-            if gram is not None
-            else "non-finite gradients; nothing was changed"
+            describe_nonfinite(None if culprits is None else culprits().tolist(), names)
         )
 
     def _commit(self, step: _Step, weights: torch.Tensor, gram: torch.Tensor | None) -> None:
         """Keeps what a successful backward computed."""
-        self.min_losses = step.min_losses
         self.num_losses = len(weights)
+        self.loss_names = step.names
         self.backward_calls += 1
         self.weights = weights
-        self.stats = {"weights": weights}
-        if gram is not None:
-            self.stats.update(gradient_statistics(gram))
+        self._gram = gram
+        self.stats = _statistics(weights, gram)
 
-    # -- state dict ------------------------------------------------------------------------------
+    # -- state dict and pickling -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The balancing state as plain Python values (float64 numbers hold it exactly): the
+        mode, k and the loss names, π and the Gram matrix of the last balanced backward, and the
+        mode's own state (amortized mode: the logits, their moments, the previous losses).
+
+        Its structure does not depend on the progress of the run, so that
+        ``torch.distributed.checkpoint`` can load a saved one into a fresh one.
+        """
         return {
+            "version": _STATE_VERSION,
             "mode": self.mode,
             "num_losses": self.num_losses,
-            "famo": None if self.famo is None else self.famo.state_dict(),
-            "previous_losses": self.previous_losses,
+            "loss_names": list(self.loss_names or ()),
             "backward_calls": self.backward_calls,
+            "weights": _floats(self.weights),
+            "gram": _floats(self._gram),
+            **self._mode.state_dict(),
         }
 
-    def check_compatible(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict`, after checking that it fits (else nothing changes)."""
+        self.check_state_dict(state)
+        self._mode.load_state_dict(state)
+        self.num_losses = (
+            state["num_losses"] if state["num_losses"] is not None else self.num_losses
+        )
+        self.loss_names = tuple(state["loss_names"]) or None
+        self.backward_calls = int(state["backward_calls"])
+        self.weights = _tensor(state["weights"])
+        self._gram = _tensor(state["gram"])
+        self.stats = {} if self.weights is None else _statistics(self.weights, self._gram)
+        self._window = None
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises a ValueError when ``state`` was saved by a different mode or for another k."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                "not a gradbalance balancing state (version "
+                f"{_STATE_VERSION}): {type(state).__name__}"
+            )
         if state["mode"] != self.mode:
             raise ValueError(
-                f"the state dict was saved in mode {state['mode']!r}, this optimizer runs in "
+                f"the state dict was saved in mode {state['mode']!r}, this balancer runs in "
                 f"mode {self.mode!r}"
             )
         saved_k = state["num_losses"]
         if None not in (saved_k, self.num_losses) and saved_k != self.num_losses:
             raise ValueError(
-                f"the state dict balances {saved_k} losses, this optimizer {self.num_losses}"
+                f"the state dict balances {saved_k} losses, this balancer {self.num_losses}"
             )
 
-    def load_state_dict(self, state: dict[str, Any], like: torch.Tensor) -> None:
-        """Loads a :meth:`state_dict` (checked by :meth:`check_compatible`) onto ``like``'s
-        device."""
-        self.num_losses = state["num_losses"]
-        self.min_losses = self.famo = None
-        if self.num_losses is not None:
-            self.min_losses, self.famo = self.initial_state(self.num_losses, like)
-        if state["famo"] is not None:
-            self.famo = self.famo.load(state["famo"])
-        previous = state["previous_losses"]
-        self.previous_losses = None if previous is None else previous.to(like.device).clone()
-        self.backward_calls = state["backward_calls"]
+    def __getstate__(self) -> dict[str, Any]:
+        # The buffers and held micro-batches are per-run scratch, as .grad is for an optimizer.
+        transient = {"_flat": None, "_flat_key": (), "_window": None}
+        return {**self.__dict__, **transient}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(mode={self.mode!r}, normalize={self.normalize}, "
+            f"num_losses={self.num_losses})"
+        )
 
 
-def _extend(window: _Window | None, values: torch.Tensor) -> _Window:
-    return _Window(values, 1) if window is None else window.add(values)
+def _as_values(losses: LossesLike) -> tuple[tuple[str, ...] | None, list[torch.Tensor]]:
+    """Loss values (no graph needed) with their names, for :meth:`Balancer.update_weights`."""
+    if isinstance(losses, dict):
+        return tuple(losses), [torch.as_tensor(v) for v in losses.values()]
+    if isinstance(losses, torch.Tensor):
+        return None, list(losses.reshape(-1).unbind())
+    return None, [torch.as_tensor(v) for v in losses]
+
+
+def _statistics(weights: torch.Tensor, gram: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {"weights": weights, **({} if gram is None else gradient_statistics(gram))}
+
+
+def _floats(tensor: torch.Tensor | None) -> list:
+    return [] if tensor is None else tensor.detach().to("cpu", torch.float64).tolist()
+
+
+def _tensor(values: list) -> torch.Tensor | None:
+    return torch.tensor(values, dtype=torch.float64) if values else None
 
 
 def _average(flat: engine.FlatGradients, count: int, layout: distributed.Layout) -> None:
     """Turns the sums over ``count`` micro-batches into means over micro-batches and ranks, and
-    marks a parameter reached when some rank reached it (so every rank writes the same .grad)."""
+    marks a tensor reached when some rank reached it (so every rank writes the same .grad)."""
     for buffer in flat.task_buffers:
         if count > 1:
             buffer.div_(count)

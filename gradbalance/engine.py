@@ -1,16 +1,26 @@
-"""The gradient engine: per-task gradients, flat gradient buffers, the Gram matrix, the combination.
+"""The gradient engine: per-task gradients, flat gradient buffers, the Gram matrix, the combination,
+and ``.grad`` written the way torch's own backward writes it.
 
-A *Jacobian block* is the stack of the k per-task gradients of one parameter, shape
-``(k, *param.shape)``, or ``None`` when no loss reaches that parameter. :func:`task_gradients`
-produces one block per parameter; :class:`FlatGradients` lays them out in one ``(k, n)`` buffer per
-(device, dtype), computes their Gram matrix and writes the combination into ``.grad`` tensors that
-are views of one ``(n,)`` buffer, so the heavy work is a few large operations, whatever the number
-of parameters.
+A *Jacobian block* is the stack of the k per-task gradients of one tensor, shape
+``(k, *tensor.shape)``, or ``None`` when no loss reaches that tensor. :func:`task_gradients`
+produces one block per tensor; :class:`FlatGradients` lays them out in one ``(k, n)`` buffer per
+(device, dtype, role), computes their Gram matrix and writes the combination into ``.grad``, so
+the heavy work is a few large operations, whatever the number of tensors.
+
+``.grad`` follows torch's gradient layout contract, as ``Tensor.backward`` does: a fresh ``.grad``
+has the strides of its tensor when that tensor is non-overlapping and dense (channels-last
+weights, transposed leaves), else it is contiguous; it aliases nothing the caller holds — after
+``zero_grad()`` every backward writes a new buffer, so a ``.grad`` kept from an earlier step never
+changes; an existing ``.grad`` is accumulated into in place. The ``.grad`` tensors of one group are
+disjoint views of one buffer (as DDP's ``gradient_as_bucket_view`` makes them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+import math
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,61 +30,134 @@ from .distributed import as_grad_of, local
 
 __all__ = [
     "FlatGradients",
-    "accumulate_grad",
+    "Role",
     "all_finite",
     "backward_gradients",
     "gram_matrix",
+    "graph_leaves",
+    "reaches",
+    "require_dense",
+    "run_post_accumulate_grad_hooks",
+    "stack_tasks",
     "task_gradients",
     "weighted_gradient",
 ]
 
 Blocks = list[torch.Tensor | None]
 
+# The autograd node of torch.utils.checkpoint(..., use_reentrant=True). Its backward runs a nested
+# ``torch.autograd.backward``, which ``torch.autograd.grad`` (what the engine calls) cannot drive.
+_REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
+
+
+class Role(enum.Enum):
+    """What a tensor's per-task gradients are for."""
+
+    BALANCED = "balanced"  # in the Gram matrix; gets the π-weighted combination
+    PLAIN = "plain"  # a ``"balance": False`` group: out of the Gram matrix; gets the plain sum
+    OUTSIDE = "outside"  # a leaf outside the optimizer: out of the Gram matrix; π-weighted
+
+
+def graph_leaves(outputs: torch.Tensor) -> list[torch.Tensor]:
+    """The leaves that ``outputs.backward()`` would give a gradient, in a deterministic order.
+
+    These are the tensors behind the ``AccumulateGrad`` nodes of the autograd graph: parameters,
+    and any other leaf that requires grad (a projector trained by a second optimizer, an input
+    with ``requires_grad``).
+
+    Raises:
+        ValueError: the graph holds a ``torch.utils.checkpoint`` segment with
+            ``use_reentrant=True``, whose parameters no ``torch.autograd.grad`` can reach.
+    """
+    seen: set = set()
+    stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
+    leaves = []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+            continue
+        if node.name() == _REENTRANT_CHECKPOINT:
+            raise ValueError(
+                "the losses pass through torch.utils.checkpoint(..., use_reentrant=True), whose "
+                "layers cannot get per-task gradients (torch.autograd.grad does not run it); "
+                "use torch.utils.checkpoint(..., use_reentrant=False), which works unchanged"
+            )
+        stack.extend(child for child, _ in reversed(node.next_functions) if child is not None)
+    return leaves
+
+
+def reaches(output: torch.Tensor, tensors: set[int]) -> bool:
+    """Whether the autograd graph of ``output`` reaches one of the leaves whose ``id`` is in
+    ``tensors`` (a depth-first search that stops at the first)."""
+    seen: set = set()
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) in tensors:
+                return True
+            continue
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return False
+
 
 def task_gradients(
     losses: torch.Tensor,
-    params: Sequence[torch.Tensor],
+    row_scale: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
     *,
     vectorize: bool,
     retain_graph: bool = False,
 ) -> Blocks:
-    """Per-task gradients ``∇_θ L_i`` for every parameter, without touching ``.grad``.
+    """Per-task gradients ``ρ_i ∇L_i`` for every tensor, without touching ``.grad``.
 
     Args:
         losses: ``(k,)`` tensor of the k scalar losses (part of one autograd graph).
-        params: the parameters θ.
-        vectorize: one vmapped backward pass over the k rows of the identity
+        row_scale: ``ρ``, ``(k,)``, in ``losses``' dtype: the gradient of loss i is computed as the
+            backward of ``ρ_i L_i``. With ``ρ_i = 1 / (L_i − m_i)`` the rows are the log-loss
+            gradients, of order one whatever the losses' scale, so that their float32 products
+            neither underflow nor overflow.
+        tensors: the tensors to differentiate with respect to (leaves of the graph).
+        vectorize: one vmapped backward pass over the rows of ``diag(ρ)``
             (``is_grads_batched=True``) instead of k sequential passes. vmap cannot run every
             operator; the caller falls back to ``vectorize=False`` when it raises.
         retain_graph: keep the graph after the call, as in :meth:`torch.Tensor.backward`.
 
     Returns:
-        One block ``(k, *p.shape)`` per parameter; ``None`` where no loss reaches it. A loss that
-        does not reach a parameter that others reach contributes a zero row.
+        One block ``(k, *t.shape)`` per tensor; ``None`` where no loss reaches it. A loss that
+        does not reach a tensor that others reach contributes a zero row.
     """
     if vectorize:
-        identity = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
         return list(
             torch.autograd.grad(
                 losses,
-                params,
-                grad_outputs=identity,
+                tensors,
+                grad_outputs=torch.diag(row_scale),
                 is_grads_batched=True,
                 retain_graph=retain_graph,
                 allow_unused=True,
             )
         )
     per_task = [
-        _gradient(loss, params, retain_graph or i < len(losses) - 1)
+        _gradient(loss, tensors, retain_graph or i < len(losses) - 1, grad_output=row_scale[i])
         for i, loss in enumerate(losses)
     ]
-    return stack_tasks(per_task, params)
+    return stack_tasks(per_task, tensors)
 
 
 def weighted_gradient(
     losses: torch.Tensor,
     coefficients: torch.Tensor,
-    params: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
     *,
     retain_graph: bool = False,
     by_backward: bool = False,
@@ -88,46 +171,61 @@ def weighted_gradient(
     """
     total = (coefficients.detach().to(losses.dtype) * losses).sum()
     if by_backward:
-        return backward_gradients([total], params, retain_graph=retain_graph)[0]
-    return _gradient(total, params, retain_graph)
+        return backward_gradients([total], tensors, retain_graph=retain_graph)[0]
+    return list(_gradient(total, tensors, retain_graph))
 
 
 def backward_gradients(
-    outputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, retain_graph: bool = False
+    outputs: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *, retain_graph: bool = False
 ) -> list[list[torch.Tensor | None]]:
     """The gradients of each output by an ordinary backward pass, read from ``.grad``.
 
     For sharded (FSDP) parameters, which ``torch.autograd.grad`` cannot reach: the backward's
-    hooks reduce-scatter each gradient into the shard's ``.grad``. ``.grad`` is restored
-    afterwards; other leaves of the graph (outside ``params``) accumulate as in any backward.
+    hooks reduce-scatter each gradient into the shard's ``.grad``. ``.grad`` of ``tensors`` is
+    restored afterwards.
 
     Returns:
-        For each output, one gradient per parameter (``None`` where it does not reach), in the
-        parameters' own form (a DTensor for a sharded parameter).
+        For each output, one gradient per tensor (``None`` where it does not reach), in the
+        tensors' own form (a DTensor for a sharded parameter).
     """
-    saved = [param.grad for param in params]
+    saved = [tensor.grad for tensor in tensors]
     gradients = []
     try:
         for index, output in enumerate(outputs):
-            for param in params:
-                param.grad = None
+            for tensor in tensors:
+                tensor.grad = None
             if output.requires_grad:
                 output.backward(retain_graph=retain_graph or index < len(outputs) - 1)
-            gradients.append([param.grad for param in params])
+            gradients.append([tensor.grad for tensor in tensors])
     finally:
-        for param, grad in zip(params, saved, strict=True):
-            param.grad = grad
+        for tensor, grad in zip(tensors, saved, strict=True):
+            tensor.grad = grad
     return gradients
 
 
 def stack_tasks(
-    gradients: Sequence[Sequence[torch.Tensor | None]], params: Sequence[torch.Tensor]
+    gradients: Sequence[Sequence[torch.Tensor | None]], tensors: Sequence[torch.Tensor]
 ) -> Blocks:
     """Per-task gradients (one list per task) as blocks of this rank's local values."""
     return [
-        _stack_rows([None if row is None else local(row) for row in rows], local(param))
-        for rows, param in zip(zip(*gradients, strict=True), params, strict=True)
+        _stack_rows([None if row is None else local(row) for row in rows], local(tensor))
+        for rows, tensor in zip(zip(*gradients, strict=True), tensors, strict=True)
     ]
+
+
+def require_dense(gradients: Sequence[torch.Tensor | None], describe: Callable[[int], str]) -> None:
+    """Raises a ValueError naming the first tensor whose gradient is sparse.
+
+    ``describe(i)`` names tensor i in the message. Sparse gradients (``nn.Embedding(sparse=True)``,
+    ``nn.EmbeddingBag(sparse=True)``) have no flat layout to balance in.
+    """
+    for index, gradient in enumerate(gradients):
+        if gradient is not None and gradient.layout != torch.strided:
+            raise ValueError(
+                f"{describe(index)} received a {gradient.layout} gradient; gradbalance balances "
+                f"dense gradients only: build the module with sparse=False (nn.Embedding, "
+                f"nn.EmbeddingBag)"
+            )
 
 
 def gram_matrix(blocks: Blocks) -> torch.Tensor:
@@ -136,12 +234,12 @@ def gram_matrix(blocks: Blocks) -> torch.Tensor:
     present = [block for block in blocks if block is not None]
     if not present:
         raise ValueError("no loss reaches any parameter: every per-task gradient is empty")
-    return _sum_on_one_device([kernels.gram(block.reshape(len(block), -1)) for block in present])
+    return _sum_on_one_device([kernels.gram(_as_real_rows(block)) for block in present])
 
 
 def all_finite(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """A boolean 0-d tensor, True when every element of every tensor is finite (no host sync)."""
-    present = [t for t in tensors if t is not None]
+    present = [t if not t.is_complex() else torch.view_as_real(t) for t in tensors if t is not None]
     if not present:
         return torch.tensor(True)
     norms = torch._foreach_norm(present)  # NaN or inf anywhere makes its norm non-finite
@@ -150,95 +248,133 @@ def all_finite(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return torch.stack(norms).isfinite().all()
 
 
-def accumulate_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    """Add ``grads`` into ``.grad`` as :meth:`torch.Tensor.backward` would; ``None`` is skipped."""
-    for param, grad in zip(params, grads, strict=True):
+def run_post_accumulate_grad_hooks(tensors: Sequence[torch.Tensor]) -> None:
+    """Runs the hooks of :meth:`torch.Tensor.register_post_accumulate_grad_hook` on ``tensors``,
+    as ``Tensor.backward`` does once their ``.grad`` is final; in registration order."""
+    for tensor in tensors:
+        # torch keeps a tensor's post-accumulate-grad hooks in this ordered dict (None: none).
+        hooks = getattr(tensor, "_post_accumulate_grad_hooks", None)
+        for hook in list(hooks.values()) if hooks else ():
+            hook(tensor)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one tensor lives in its group's buffers, in elements of the group's real dtype.
+
+    A complex tensor is stored as its real view (last dimension 2, starting at an even offset),
+    so that the Gram matrix of the buffer is ``Re(J Jᴴ)``, the real inner product of its
+    gradients, and the combination with real coefficients is the complex one.
+    """
+
+    start: int
+    shape: tuple[int, ...]  # of the real view
+    strides: tuple[int, ...]  # of the real view, following the layout contract
+    is_complex: bool
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        """This tensor's gradient in the ``(n,)`` buffer, in the tensor's own shape and dtype."""
+        real = buffer.as_strided(self.shape, self.strides, buffer.storage_offset() + self.start)
+        return torch.view_as_complex(real) if self.is_complex else real
+
+    def holds(self, grad: torch.Tensor | None, buffer: torch.Tensor) -> bool:
+        """Whether ``grad`` (for a sharded tensor: its local shard) is this slot's view of
+        ``buffer``; compared by address and layout, without making the view."""
         if grad is None:
-            continue
-        if param.grad is None:
-            param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
-        else:
-            param.grad.add_(grad)
+            return False
+        shard = local(grad)
+        shape, strides = self.shape, self.strides
+        if self.is_complex:
+            shape, strides = shape[:-1], tuple(s // 2 for s in strides[:-1])
+        address = buffer.data_ptr() + self.start * buffer.element_size()
+        return (
+            shard.data_ptr() == address
+            and tuple(shard.shape) == shape
+            and (shard.numel() == 0 or tuple(shard.stride()) == strides)
+        )
+
+    def rows(self, tasks: torch.Tensor) -> torch.Tensor:
+        """This tensor's ``(k, *real shape)`` view of the ``(k, n)`` task buffer."""
+        return tasks.as_strided(
+            (len(tasks), *self.shape),
+            (tasks.stride(0), *self.strides),
+            tasks.storage_offset() + self.start,
+        )
 
 
 @dataclass
 class _Group:
-    """Parameters of one (device, dtype, balanced) and their flat buffers."""
+    """Tensors of one (device, real dtype, role) and their flat buffers."""
 
     indices: list[int]
-    balanced: bool
-    tasks: torch.Tensor  # (k, n): row i holds ∇L_i of every parameter of the group
-    combined: torch.Tensor  # (n,): Σ_i c_i tasks[i]; the parameters' .grad are views of it
-    bounds: list[tuple[int, int]] = field(default_factory=list)  # each parameter's columns
-    task_views: list[torch.Tensor] = field(default_factory=list)  # (k, *p.shape) each
-    grad_views: list[torch.Tensor] = field(default_factory=list)  # p.shape each
-
-    def views(self, flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
-        """The parameter-shaped views of an ``(n,)`` buffer laid out like ``combined``."""
-        return [
-            flat[start:end].view(shape)
-            for (start, end), shape in zip(self.bounds, shapes, strict=True)
-        ]
+    role: Role
+    slots: list[_Slot]
+    size: int
+    like: torch.Tensor  # a zero-size tensor of the buffers' device and dtype
+    tasks: torch.Tensor | None = None  # (k, n), row i holds ρ_i ∇L_i; made on first store
+    # The (n,) buffer of the last write whose views are the tensors' .grad, while alive.
+    written: Callable[[], torch.Tensor | None] = field(default=lambda: None)
 
 
 class FlatGradients:
-    """Per-task gradients of a fixed list of parameters in flat buffers, and their combination.
+    """Per-task gradients of a fixed list of tensors in flat buffers, and their combination.
 
-    Parameters are grouped by (device, dtype, balanced); each group owns a ``(k, n)`` buffer of
-    per-task gradients and an ``(n,)`` buffer for the combined gradient, whose views become the
-    parameters' ``.grad``. Only balanced groups enter the Gram matrix.
+    Tensors are grouped by (device, dtype, role); each group owns a ``(k, n)`` buffer of per-task
+    gradients. Only :attr:`Role.BALANCED` groups enter the Gram matrix.
 
     Args:
-        params: the parameters, in a fixed order (the order of the blocks given to :meth:`store`).
-        balanced: for each parameter, whether its gradients enter the Gram matrix.
+        tensors: the tensors, in a fixed order (the order of the blocks given to :meth:`store`).
+        roles: for each tensor, its :class:`Role`.
         num_tasks: k.
     """
 
     def __init__(
-        self, params: Sequence[torch.Tensor], balanced: Sequence[bool], num_tasks: int
+        self, tensors: Sequence[torch.Tensor], roles: Sequence[Role], num_tasks: int
     ) -> None:
-        self.params = list(params)
+        self.tensors = list(tensors)
         self.num_tasks = num_tasks
-        self.reached = [False] * len(self.params)
+        self.reached = [False] * len(self.tensors)
         by_key: dict[tuple, list[int]] = {}
-        for index, (param, is_balanced) in enumerate(zip(self.params, balanced, strict=True)):
-            shard = local(param)
-            by_key.setdefault((shard.device, shard.dtype, is_balanced), []).append(index)
-        self.groups = [
-            self._group(indices, is_balanced) for (_, _, is_balanced), indices in by_key.items()
-        ]
+        for index, (tensor, role) in enumerate(zip(self.tensors, roles, strict=True)):
+            shard = local(tensor)
+            dtype = shard.real.dtype if shard.is_complex() else shard.dtype
+            by_key.setdefault((shard.device, dtype, role), []).append(index)
+        self.groups = [self._group(indices, role) for (_, _, role), indices in by_key.items()]
 
-    def _group(self, indices: list[int], balanced: bool) -> _Group:
-        params = [local(self.params[i]) for i in indices]  # of a sharded one, this rank's shard
-        sizes = [p.numel() for p in params]
-        like = params[0]
-        group = _Group(
-            indices,
-            balanced,
-            tasks=torch.zeros(self.num_tasks, sum(sizes), device=like.device, dtype=like.dtype),
-            combined=torch.zeros(sum(sizes), device=like.device, dtype=like.dtype),
-        )
-        start = 0
-        for param, size in zip(params, sizes, strict=True):
-            group.bounds.append((start, start + size))
-            group.task_views.append(
-                group.tasks[:, start : start + size].view(self.num_tasks, *param.shape)
-            )
-            start += size
-        group.grad_views = group.views(group.combined, [p.shape for p in params])
-        return group
+    def _group(self, indices: list[int], role: Role) -> _Group:
+        start, slots = 0, []
+        for index in indices:
+            shard = local(self.tensors[index])  # of a sharded tensor, this rank's shard
+            strides = _contract_strides(shard)
+            if shard.is_complex():
+                start += start % 2  # view_as_complex needs an even offset
+                shape, strides = (*shard.shape, 2), (*(2 * s for s in strides), 1)
+            else:
+                shape = tuple(shard.shape)
+            slots.append(_Slot(start, shape, tuple(strides), shard.is_complex()))
+            start += slots[-1].size
+        shard = local(self.tensors[indices[0]])
+        dtype = shard.real.dtype if shard.is_complex() else shard.dtype
+        like = torch.empty(0, device=shard.device, dtype=dtype)
+        return _Group(indices, role, slots, start, like)
 
     def store(self, blocks: Blocks, *, accumulate: bool) -> None:
         """Copy the blocks into the task buffers (``accumulate``: add to what is there).
 
-        An unreached parameter (``None`` block) contributes zeros.
+        An unreached tensor (``None`` block) contributes zeros.
         """
         if not accumulate:
-            self.reached = [False] * len(self.params)
+            self.reached = [False] * len(self.tensors)
         for group in self.groups:
+            if group.tasks is None:
+                group.tasks = group.like.new_zeros(self.num_tasks, group.size)
             pairs = [
-                (view, blocks[i])
-                for view, i in zip(group.task_views, group.indices, strict=True)
+                (slot.rows(group.tasks), _as_real(blocks[i]))
+                for slot, i in zip(group.slots, group.indices, strict=True)
                 if blocks[i] is not None
             ]
             if not accumulate and len(pairs) < len(group.indices):
@@ -254,53 +390,132 @@ class FlatGradients:
 
     @property
     def task_buffers(self) -> list[torch.Tensor]:
-        """The ``(k, n)`` buffers, one per group (for collectives)."""
-        return [group.tasks for group in self.groups]
+        """The ``(k, n)`` buffers, one per group (for collectives and checks)."""
+        return [group.tasks for group in self.groups if group.tasks is not None]
+
+    def finite_rows(self) -> torch.Tensor:
+        """``(k,)`` booleans: whether row i of every task buffer is finite (names culprits)."""
+        rows = [
+            buffer.isfinite().all(dim=1).to(self.groups[0].like.device)
+            for buffer in self.task_buffers
+        ]
+        return torch.stack(rows).all(dim=0)
 
     def gram(self) -> torch.Tensor:
-        """``(k, k)`` float64 Gram matrix of the balanced parameters' per-task gradients."""
-        balanced = [group for group in self.groups if group.balanced]
+        """``(k, k)`` float64 Gram matrix of the balanced tensors' per-task gradients."""
+        balanced = [group for group in self.groups if group.role is Role.BALANCED]
         if not any(self.reached[i] for group in balanced for i in group.indices):
             raise ValueError("no loss reaches any balanced parameter")
         return _sum_on_one_device([kernels.gram(group.tasks) for group in balanced])
 
-    def write_grad(self, balanced: torch.Tensor, plain: torch.Tensor) -> None:
-        """Add ``Σ_i c_i ∇L_i`` into the ``.grad`` of every reached parameter.
+    def write_grad(self, coefficients: dict[Role, torch.Tensor]) -> list[torch.Tensor]:
+        """Add ``Σ_i c_i row_i`` into the ``.grad`` of every reached tensor, ``c`` by role.
 
-        ``c`` is ``balanced`` ``(k,)`` for balanced parameters and ``plain`` for the others. When
-        every reached parameter of a group has no ``.grad`` (after ``zero_grad()``) or still has
-        this buffer's view (``zero_grad(set_to_none=False)``, or no zeroing), the combination is
-        written straight into the views; ``.grad`` tensors from elsewhere get it added.
+        Returns:
+            The tensors whose ``.grad`` was written.
         """
-        for group in self.groups:
-            coefficients = balanced if group.balanced else plain
-            reached = [j for j, i in enumerate(group.indices) if self.reached[i]]
-            params = [self.params[group.indices[j]] for j in reached]
-            holds_view = [
-                _holds(self.params[i].grad, view)
-                for i, view in zip(group.indices, group.grad_views, strict=True)
+
+        def fill(group: _Group, out: torch.Tensor, accumulate: bool) -> None:
+            kernels.combine(group.tasks, coefficients[group.role], out, accumulate=accumulate)
+
+        return self._write(fill)
+
+    def write_grad_from(self, gradients: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Add ``gradients`` (one per tensor, ``None`` where unreached) into ``.grad``, with no
+        task buffer: the single-batch path of a mode that computes one gradient per tensor."""
+        self.reached = [gradient is not None for gradient in gradients]
+
+        def fill(group: _Group, out: torch.Tensor, accumulate: bool) -> None:
+            pairs = [
+                (slot.view(out), gradients[i])
+                for slot, i in zip(group.slots, group.indices, strict=True)
+                if gradients[i] is not None
             ]
-            if not any(holds_view) and all(p.grad is None for p in params):
-                kernels.combine(group.tasks, coefficients, group.combined, accumulate=False)
-                for param, j in zip(params, reached, strict=True):
-                    param.grad = as_grad_of(param, group.grad_views[j])
-            elif all(holds_view[j] for j in reached):
-                # Unreached parameters' columns are zero: adding them changes nothing.
-                kernels.combine(group.tasks, coefficients, group.combined, accumulate=True)
-            else:
-                fresh = torch.empty_like(group.combined)
-                kernels.combine(group.tasks, coefficients, fresh, accumulate=False)
-                views = group.views(fresh, [view.shape for view in group.grad_views])
-                grads = [as_grad_of(p, views[j]) for p, j in zip(params, reached, strict=True)]
-                accumulate_grad(params, grads)
+            if pairs:
+                views, sources = zip(*pairs, strict=True)
+                (torch._foreach_add_ if accumulate else torch._foreach_copy_)(
+                    list(views), [local(source) for source in sources]
+                )
+
+        return self._write(fill)
+
+    def _write(self, fill: Callable[[_Group, torch.Tensor, bool], None]) -> list[torch.Tensor]:
+        """Writes each group's combination with ``fill(group, out, accumulate)``.
+
+        When every reached tensor's ``.grad`` is still a view of the group's last buffer
+        (``zero_grad(set_to_none=False)``, or no zeroing), the combination is added into it in
+        place; otherwise it goes into a fresh buffer, whose views become the ``.grad`` that are
+        None and are added into those that exist.
+        """
+        written = []
+        for group in self.groups:
+            members = [
+                (self.tensors[i], slot)
+                for i, slot in zip(group.indices, group.slots, strict=True)
+                if self.reached[i]
+            ]
+            if not members:
+                continue
+            written.extend(tensor for tensor, _ in members)
+            last = group.written()
+            if last is not None and all(slot.holds(t.grad, last) for t, slot in members):
+                fill(group, last, True)  # unreached tensors' columns add zeros
+                continue
+            fresh = group.like.new_empty(group.size)
+            fill(group, fresh, False)
+            group.written = weakref.ref(fresh)
+            for tensor, slot in members:
+                grad = as_grad_of(tensor, slot.view(fresh))
+                if tensor.grad is None:
+                    tensor.grad = grad
+                else:
+                    tensor.grad.add_(grad)
+        return written
+
+
+def _contract_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The strides torch gives a fresh ``.grad`` of ``tensor``: its own when it is non-overlapping
+    and dense (a permutation of a contiguous layout), else contiguous."""
+    if tensor.numel() > 0:
+        dims = sorted(
+            (stride, size)
+            for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+            if size != 1
+        )
+        expected = 1
+        for stride, size in dims:
+            if stride != expected:
+                break
+            expected *= size
+        else:
+            return tuple(tensor.stride())
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _gradient(
-    output: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: bool
+    output: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    retain_graph: bool,
+    grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     if not output.requires_grad:
-        return (None,) * len(params)
-    return torch.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True)
+        return (None,) * len(tensors)
+    return torch.autograd.grad(
+        output, tensors, grad_outputs=grad_output, retain_graph=retain_graph, allow_unused=True
+    )
+
+
+def _as_real(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = local(tensor)
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _as_real_rows(block: torch.Tensor) -> torch.Tensor:
+    return _as_real(block).reshape(len(block), -1)
 
 
 def _sum_on_one_device(grams: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -308,15 +523,7 @@ def _sum_on_one_device(grams: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([gram.to(grams[0].device) for gram in grams]).sum(dim=0)
 
 
-def _holds(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
-    """Whether ``grad`` is ``view`` (for a sharded parameter: wraps it)."""
-    if grad is None:
-        return False
-    shard = local(grad)
-    return shard is view or (shard.data_ptr() == view.data_ptr() and shard.shape == view.shape)
-
-
-def _stack_rows(rows: Sequence[torch.Tensor | None], param: torch.Tensor) -> torch.Tensor | None:
+def _stack_rows(rows: Sequence[torch.Tensor | None], tensor: torch.Tensor) -> torch.Tensor | None:
     if all(row is None for row in rows):
         return None
-    return torch.stack([torch.zeros_like(param) if row is None else row for row in rows])
+    return torch.stack([torch.zeros_like(tensor) if row is None else row for row in rows])

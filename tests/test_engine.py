@@ -37,9 +37,10 @@ def test_task_gradients_equal_separate_autograd_calls(vectorize):
     params = list(network.parameters())
     losses = two_losses(network)
     expected = reference_blocks(losses, params)
-    blocks = engine.task_gradients(losses, params, vectorize=vectorize, retain_graph=True)
+    scale = torch.tensor([0.5, -3.0], dtype=torch.float64)
+    blocks = engine.task_gradients(losses, scale, params, vectorize=vectorize, retain_graph=True)
     for block, reference in zip(blocks, expected, strict=True):
-        torch.testing.assert_close(block, reference)
+        torch.testing.assert_close(block, scale.view(2, *[1] * (block.ndim - 1)) * reference)
     assert all(p.grad is None for p in params), "task_gradients must not touch .grad"
 
 
@@ -47,7 +48,8 @@ def test_task_gradients_equal_separate_autograd_calls(vectorize):
 def test_unreached_parameters_are_none_and_partly_reached_ones_get_zero_rows(vectorize):
     shared, only_first, unused = (torch.randn(3, requires_grad=True) for _ in range(3))
     losses = torch.stack([(shared * only_first).sum(), shared.square().sum()])
-    blocks = engine.task_gradients(losses, [shared, only_first, unused], vectorize=vectorize)
+    ones = torch.ones(2)
+    blocks = engine.task_gradients(losses, ones, [shared, only_first, unused], vectorize=vectorize)
     assert blocks[2] is None
     torch.testing.assert_close(blocks[1][1], torch.zeros(3))
     torch.testing.assert_close(blocks[1][0], shared.detach())
@@ -57,7 +59,7 @@ def test_unreached_parameters_are_none_and_partly_reached_ones_get_zero_rows(vec
 def test_a_loss_without_graph_counts_as_zero():
     weight = torch.randn(4, requires_grad=True)
     losses = [weight.square().sum(), torch.tensor(2.0)]
-    blocks = engine.task_gradients(losses, [weight], vectorize=False)
+    blocks = engine.task_gradients(losses, torch.ones(2), [weight], vectorize=False)
     torch.testing.assert_close(blocks[0][1], torch.zeros(4))
 
 
@@ -115,16 +117,18 @@ def test_all_finite_flags_nan_and_inf():
     assert not engine.all_finite([torch.tensor([float("-inf"), 1.0])])
 
 
-def test_accumulate_grad_adds_like_backward():
-    param = torch.zeros(2, requires_grad=True)
-    other = torch.zeros(1, requires_grad=True)
-    engine.accumulate_grad([param, other], [torch.tensor([1.0, 2.0]), None])
-    engine.accumulate_grad([param, other], [torch.tensor([0.5, 0.5]), None])
-    torch.testing.assert_close(param.grad, torch.tensor([1.5, 2.5]))
-    assert other.grad is None
-
-
 # -- FlatGradients ------------------------------------------------------------------------------
+
+BALANCED = engine.Role.BALANCED
+
+
+def roles(balanced):
+    return [BALANCED if flag else engine.Role.PLAIN for flag in balanced]
+
+
+def by_role(balanced, plain=None):
+    plain = balanced if plain is None else plain
+    return {BALANCED: balanced, engine.Role.OUTSIDE: balanced, engine.Role.PLAIN: plain}
 
 
 def parameters_of_two_dtypes():
@@ -146,14 +150,14 @@ def test_flat_gradients_gram_and_grad_equal_the_per_parameter_reference():
     params = parameters_of_two_dtypes()
     blocks = random_blocks(params, 3, seed=6)
     blocks[2] = None  # no loss reaches params[2]
-    flat = engine.FlatGradients(params, [True] * 4, num_tasks=3)
+    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=3)
     assert len(flat.groups) == 2  # float32 and float64
     flat.store(blocks, accumulate=False)
     jacobian = torch.cat([b.reshape(3, -1).double() for b in blocks if b is not None], dim=1)
     # float32 parameters: float32 products within pieces of 4096, float64 sums
     torch.testing.assert_close(flat.gram(), jacobian @ jacobian.T, rtol=1e-6, atol=1e-6)
     coefficients = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
-    flat.write_grad(coefficients, coefficients)
+    flat.write_grad(by_role(coefficients))
     for param, block in zip(params, blocks):
         if block is None:
             assert param.grad is None
@@ -165,7 +169,7 @@ def test_flat_gradients_gram_and_grad_equal_the_per_parameter_reference():
 def test_flat_gradients_accumulate_micro_batches():
     params = parameters_of_two_dtypes()
     first, second = random_blocks(params, 2, seed=7), random_blocks(params, 2, seed=8)
-    flat = engine.FlatGradients(params, [True] * 4, num_tasks=2)
+    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
     flat.store(first, accumulate=False)
     flat.store(second, accumulate=True)
     total = torch.cat([(a + b).reshape(2, -1).double() for a, b in zip(first, second)], dim=1)
@@ -176,31 +180,33 @@ def test_unbalanced_parameters_stay_out_of_the_gram_and_get_their_own_coefficien
     params = parameters_of_two_dtypes()
     blocks = random_blocks(params, 2, seed=9)
     balanced = [True, True, False, True]
-    flat = engine.FlatGradients(params, balanced, num_tasks=2)
+    flat = engine.FlatGradients(params, roles(balanced), num_tasks=2)
     flat.store(blocks, accumulate=False)
     kept = torch.cat([b.reshape(2, -1).double() for b, on in zip(blocks, balanced) if on], dim=1)
     torch.testing.assert_close(flat.gram(), kept @ kept.T, rtol=1e-6, atol=1e-6)
     weights, plain = (torch.tensor(c, dtype=torch.float64) for c in ([0.25, 0.75], [1.0, 1.0]))
-    flat.write_grad(weights, plain)
+    flat.write_grad(by_role(weights, plain))
     for param, block, on in zip(params, blocks, balanced):
         coefficients = (weights if on else plain).to(block.dtype)
         torch.testing.assert_close(param.grad, torch.einsum("k,k...->...", coefficients, block))
 
 
 @pytest.mark.parametrize("zeroing", ["set_to_none", "zero_in_place", "none"])
-def test_grad_views_survive_zeroing_and_accumulate_like_backward(zeroing):
+def test_grad_accumulates_like_backward_and_kept_grads_never_change(zeroing):
     params = parameters_of_two_dtypes()
-    flat = engine.FlatGradients(params, [True] * 4, num_tasks=2)
+    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
     coefficients = torch.tensor([1.0, 0.5], dtype=torch.float64)
     expected = [torch.zeros_like(p) for p in params]
-    for seed in (10, 11):
+    for seed in (10, 11, 12):
         blocks = random_blocks(params, 2, seed)
         flat.store(blocks, accumulate=False)
-        flat.write_grad(coefficients, coefficients)
+        flat.write_grad(by_role(coefficients))
         step = [torch.einsum("k,k...->...", coefficients.to(b.dtype), b) for b in blocks]
         expected = [e + s for e, s in zip(expected, step)]
+        for param, value in zip(params, expected):
+            torch.testing.assert_close(param.grad, value)
+        kept = [(p.grad, p.grad.clone()) for p in params]
         if zeroing == "set_to_none":
-            views = [p.grad for p in params]
             for p in params:
                 p.grad = None
             expected = [torch.zeros_like(p) for p in params]
@@ -209,11 +215,11 @@ def test_grad_views_survive_zeroing_and_accumulate_like_backward(zeroing):
                 p.grad.zero_()
             expected = [torch.zeros_like(p) for p in params]
     if zeroing == "set_to_none":
-        flat.write_grad(coefficients, coefficients)
-        assert all(p.grad is v for p, v in zip(params, views)), "the views are reused"
-    else:
-        for param, value in zip(params, expected):
-            torch.testing.assert_close(param.grad, value)
+        # After zero_grad(set_to_none=True) the next write goes into a new buffer.
+        flat.write_grad(by_role(coefficients))
+        for param, (grad, value) in zip(params, kept):
+            assert param.grad is not grad
+            torch.testing.assert_close(grad, value)
 
 
 def test_gradients_from_elsewhere_get_the_combination_added():
@@ -222,10 +228,10 @@ def test_gradients_from_elsewhere_get_the_combination_added():
     for param, grad in zip(params, foreign):
         param.grad = grad
     blocks = random_blocks(params, 2, seed=12)
-    flat = engine.FlatGradients(params, [True] * 4, num_tasks=2)
+    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
     flat.store(blocks, accumulate=False)
     coefficients = torch.tensor([2.0, -1.0], dtype=torch.float64)
-    flat.write_grad(coefficients, coefficients)
+    flat.write_grad(by_role(coefficients))
     for param, grad, block in zip(params, foreign, blocks):
         assert param.grad is grad
         combined = torch.einsum("k,k...->...", coefficients.to(block.dtype), block)
@@ -256,14 +262,14 @@ def test_flat_gradients_match_per_parameter_math_for_any_layout(specs, k, seed):
         for p, (_, _, _, reached) in zip(params, specs)
     ]
     balanced = [spec[2] for spec in specs]
-    flat = engine.FlatGradients(params, balanced, num_tasks=k)
+    flat = engine.FlatGradients(params, roles(balanced), num_tasks=k)
     flat.store(blocks, accumulate=False)
     kept = [b.reshape(k, -1).double() for b, on in zip(blocks, balanced) if on and b is not None]
     jacobian = torch.cat(kept, dim=1)
     torch.testing.assert_close(flat.gram(), jacobian @ jacobian.T, rtol=1e-5, atol=1e-5)
     weights = torch.randn(k, generator=generator, dtype=torch.float64)
     plain = torch.randn(k, generator=generator, dtype=torch.float64)
-    flat.write_grad(weights, plain)
+    flat.write_grad(by_role(weights, plain))
     for param, block, on in zip(params, blocks, balanced):
         if block is None:
             assert param.grad is None
@@ -276,7 +282,7 @@ def test_flat_gradients_match_per_parameter_math_for_any_layout(specs, k, seed):
 def test_gram_needs_a_reached_balanced_parameter():
     params = parameters_of_two_dtypes()
     blocks = [None, None, torch.randn(2, 2, 2, 2), None]  # only params[2] is reached
-    flat = engine.FlatGradients(params, [True, True, False, True], num_tasks=2)
+    flat = engine.FlatGradients(params, roles([True, True, False, True]), num_tasks=2)
     flat.store(blocks, accumulate=False)
     with pytest.raises(ValueError, match="no loss reaches any balanced parameter"):
         flat.gram()
