@@ -123,17 +123,18 @@ def describe_invalid_losses(
     return None
 
 
-def describe_unreached(reaches: Sequence[bool], names: Sequence[str] | None, what: str) -> str:
-    """A message naming the losses whose graph reaches none of ``what``."""
+def describe_unreached(reaches: Sequence[bool], names: Sequence[str] | None) -> str:
+    """A message naming the losses whose graph reaches none of the balanced parameters."""
     culprits = [loss_label(i, names) for i, reached in enumerate(reaches) if not reached]
     return (
-        f"{', '.join(culprits)} reach(es) none of the {what}: its gradient there would be zero "
-        f"and stop the training silently (was it detached, or computed under torch.no_grad()?)"
+        f"{', '.join(culprits)} reach(es) none of the balanced parameters: the gradient there "
+        f"would be zero and stop the training silently (detached, computed under "
+        f"torch.no_grad(), or from parameters this balancer was not given?)"
     )
 
 
-def describe_nonfinite(finite_rows: Sequence[bool] | None, names: Sequence[str] | None) -> str:
+def describe_nonfinite(culprits: Sequence[bool] | None, names: Sequence[str] | None) -> str:
     """A message naming the losses whose gradients are not finite, when known."""
-    culprits = [] if finite_rows is None else [i for i, ok in enumerate(finite_rows) if not ok]
+    culprits = [] if culprits is None else [i for i, bad in enumerate(culprits) if bad]
     named = ", ".join(loss_label(i, names) for i in culprits) or "the weighted loss"
     return f"non-finite gradients of {named}; nothing was changed"

@@ -90,7 +90,9 @@ class FamoMode:
 
     def current(self, num_losses: int, like: torch.Tensor) -> FamoState:
         """The state on ``like``'s device (a fresh one before the first balanced backward)."""
-        dtype = torch.promote_types(like.dtype, torch.float32)
+        dtype = torch.promote_types(
+            like.real.dtype if like.is_complex() else like.dtype, torch.float32
+        )
         if self.famo is None:
             return FamoState.initial(num_losses, like.device, dtype)
         return self.famo.to(like.device, dtype)
@@ -151,7 +153,6 @@ class _Step:
     layout: distributed.Layout
     tensors: list[torch.Tensor]  # the trainable parameters, then the leaves outside them
     roles: list[Role]
-    reaches: torch.Tensor  # (k,) bool: loss i's graph reaches a parameter it is balanced on
 
     @property
     def scaled(self) -> bool:
@@ -372,8 +373,7 @@ class Balancer:
         values = distributed.Layout(distributed.default_group(), False).average(
             values.to(min_losses.device)
         )
-        no_reach = torch.ones(len(values), dtype=torch.bool, device=values.device)
-        self._check(values, min_losses, no_reach, torch.tensor(True), names)
+        self._check(values, min_losses, torch.tensor(True), names)
         self._mode.commit(self._mode.advanced(famo, values, min_losses), None)
 
     # -- input -----------------------------------------------------------------------------------
@@ -404,13 +404,14 @@ class Balancer:
         layout = distributed.Layout.of(owned)
         # FSDP's graph reaches the sharded parameters through unsharded copies: no structure to
         # follow, requires_grad is all there is to check.
-        reaches = torch.tensor(
-            [
-                loss.requires_grad and (layout.sharded or engine.reaches(loss, balanced_ids))
-                for loss in items
-            ],
-            device=stacked.device,
-        )
+        reaches = [
+            loss.requires_grad and (layout.sharded or engine.reaches(loss, balanced_ids))
+            for loss in items
+        ]
+        if layout.group is not None:  # a loss reached on some rank is reached: one decision
+            reaches = layout.any_rank(torch.tensor(reaches, device=stacked.device)).tolist()
+        if not all(reaches):
+            raise ValueError(describe_unreached(reaches, names))
         values = layout.average(stacked.detach().to(torch.float64, copy=True))
         scale = None
         if grad_scaler is not None and grad_scaler.is_enabled():
@@ -426,7 +427,6 @@ class Balancer:
             layout=layout,
             tensors=owned + outside,
             roles=roles + [Role.OUTSIDE] * len(outside),
-            reaches=layout.any_rank(reaches),
         )
 
     def _in_known_order(
@@ -479,10 +479,9 @@ class Balancer:
         finite = self._check(
             window.mean,
             step.min_losses,
-            step.reaches,
             gram.isfinite().all(),
             step.names,
-            culprits=flat.finite_rows,
+            culprits=flat.nonfinite_rows,
             allow_nonfinite=step.scaled,
         )
         # Overflowed under a grad scaler: any finite π; .grad is non-finite and the step skipped.
@@ -589,7 +588,6 @@ class Balancer:
             finite = self._check(
                 window.mean,
                 step.min_losses,
-                step.reaches,
                 finite,
                 step.names,
                 allow_nonfinite=step.scaled,
@@ -600,7 +598,6 @@ class Balancer:
             finite = self._check(
                 step.values,
                 step.min_losses,
-                step.reaches,
                 engine.all_finite(grads),
                 step.names,
                 allow_nonfinite=step.scaled,
@@ -658,9 +655,7 @@ class Balancer:
                 values, bounds = step.values, torch.full_like(step.values, -torch.inf)
             else:
                 values, bounds = window.mean, step.min_losses
-            self._check(
-                values, bounds, step.reaches, finite, step.names, allow_nonfinite=step.scaled
-            )
+            self._check(values, bounds, finite, step.names, allow_nonfinite=step.scaled)
         flat.store(blocks, accumulate=self._window is not None)
         if step.accumulate:
             self._window = window
@@ -673,37 +668,25 @@ class Balancer:
         self,
         values: torch.Tensor,
         bounds: torch.Tensor,
-        reaches: torch.Tensor,
         gradients_finite: torch.Tensor,
         names: tuple[str, ...] | None,
         *,
-        culprits: Callable[[], torch.Tensor] | None = None,
+        culprits: Callable[[], list[bool]] | None = None,
         allow_nonfinite: bool = False,
     ) -> bool:
-        """Whether the gradients are finite; raises on losses that are invalid or reach no
-        parameter, and on non-finite gradients unless ``allow_nonfinite``. One host
-        synchronisation; messages are built only on failure (``culprits()``: which rows of the
-        per-task gradients are finite)."""
-        losses_valid = values.isfinite() & (values > bounds)
-        device = losses_valid.device
-        flags = torch.cat(
-            [losses_valid, reaches.to(device), gradients_finite.to(device).reshape(1)]
-        ).tolist()
-        if all(flags):
+        """Whether the gradients are finite; raises on invalid losses, and on non-finite
+        gradients unless ``allow_nonfinite``. One host synchronisation; messages are built only
+        on failure (``culprits()``: which losses' rows hold the non-finite gradients)."""
+        losses_valid = (values.isfinite() & (values > bounds)).all()
+        checks = torch.stack([losses_valid, gradients_finite.to(losses_valid.device)]).tolist()
+        if all(checks):
             return True
-        k = len(values)
-        if not all(flags[k : 2 * k]):
-            raise ValueError(
-                describe_unreached(flags[k : 2 * k], names, "parameters it is balanced on")
-            )
         message = describe_invalid_losses(values, bounds, names)
         if message is not None:
             raise ValueError(message)
         if allow_nonfinite:
             return False
-        raise ValueError(
-            describe_nonfinite(None if culprits is None else culprits().tolist(), names)
-        )
+        raise ValueError(describe_nonfinite(None if culprits is None else culprits(), names))
 
     def _commit(self, step: _Step, weights: torch.Tensor, gram: torch.Tensor | None) -> None:
         """Keeps what a successful backward computed."""

@@ -67,7 +67,8 @@ def graph_leaves(outputs: torch.Tensor) -> list[torch.Tensor]:
 
     Raises:
         ValueError: the graph holds a ``torch.utils.checkpoint`` segment with
-            ``use_reentrant=True``, whose parameters no ``torch.autograd.grad`` can reach.
+            ``use_reentrant=True``, whose parameters no ``torch.autograd.grad`` can reach, or an
+            embedding with sparse gradients.
     """
     seen: set = set()
     stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
@@ -86,6 +87,11 @@ def graph_leaves(outputs: torch.Tensor) -> list[torch.Tensor]:
                 "the losses pass through torch.utils.checkpoint(..., use_reentrant=True), whose "
                 "layers cannot get per-task gradients (torch.autograd.grad does not run it); "
                 "use torch.utils.checkpoint(..., use_reentrant=False), which works unchanged"
+            )
+        if getattr(node, "_saved_sparse", False):  # nn.Embedding / nn.EmbeddingBag(sparse=True)
+            raise ValueError(
+                f"the losses pass through {node.name()} with sparse gradients; gradbalance "
+                f"balances dense gradients only: build the module with sparse=False"
             )
         stack.extend(child for child, _ in reversed(node.next_functions) if child is not None)
     return leaves
@@ -393,13 +399,15 @@ class FlatGradients:
         """The ``(k, n)`` buffers, one per group (for collectives and checks)."""
         return [group.tasks for group in self.groups if group.tasks is not None]
 
-    def finite_rows(self) -> torch.Tensor:
-        """``(k,)`` booleans: whether row i of every task buffer is finite (names culprits)."""
-        rows = [
-            buffer.isfinite().all(dim=1).to(self.groups[0].like.device)
-            for buffer in self.task_buffers
-        ]
-        return torch.stack(rows).all(dim=0)
+    def nonfinite_rows(self) -> list[bool]:
+        """Which rows hold the non-finite gradients: those with an infinity, else those with a
+        NaN. (A vmapped backward multiplies the other rows' zero cotangent by an infinite partial
+        derivative of one loss: a NaN, never an infinity, in their rows.) For error messages."""
+        device = self.groups[0].like.device
+        infinite = torch.stack([b.isinf().any(dim=1).to(device) for b in self.task_buffers])
+        nan = torch.stack([b.isnan().any(dim=1).to(device) for b in self.task_buffers])
+        infinite, nan = infinite.any(dim=0).tolist(), nan.any(dim=0).tolist()
+        return infinite if any(infinite) else nan
 
     def gram(self) -> torch.Tensor:
         """``(k, k)`` float64 Gram matrix of the balanced tensors' per-task gradients."""
