@@ -618,7 +618,11 @@ class Balancer:
             return None
         shifted = step.values - step.min_losses
         rho = exact.row_scale(shifted, step.scale).to(step.losses.dtype)
-        blocks = self._task_gradients(step, rho, retain_graph=True)
+        balanced = [
+            t for t, role in zip(step.tensors, step.roles, strict=True) if role is Role.BALANCED
+        ]
+        balanced_step = replace(step, tensors=balanced, roles=[Role.BALANCED] * len(balanced))
+        blocks = self._task_gradients(balanced_step, rho, retain_graph=True)
         return exact.log_loss_gram(engine.gram_matrix(blocks), rho.to(torch.float64), shifted)
 
     # -- shared pieces ---------------------------------------------------------------------------

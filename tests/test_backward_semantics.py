@@ -469,3 +469,20 @@ def test_a_balancer_state_dict_round_trips_through_torch_save(tmp_path):
     assert torch.equal(restored.weights, balancer.weights)
     with pytest.raises(ValueError, match="mode"):
         Balancer("exact").load_state_dict(balancer.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["exact", "amortized"])
+def test_the_statistics_cover_the_balanced_parameters_only(mode):
+    problem = TeacherStudentProblem(dtype=torch.float64)
+    head = torch.nn.Linear(4, 4).double()  # outside the optimizer
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode, stats_every=1)
+    losses = problem.losses(torch.nn.Sequential(problem.model, head))
+    params = list(problem.model.parameters())
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+        / loss.detach()
+        for loss in losses
+    ]
+    jacobian = torch.stack(rows)
+    opt.backward(losses)
+    torch.testing.assert_close(opt.stats["gram"], jacobian @ jacobian.T)
