@@ -25,8 +25,7 @@ import triton.language as tl
 __all__ = ["MAX_ROWS", "combine", "gram"]
 
 # The Gram kernel pads the k rows to 16, the smallest tl.dot; padding to 32 would quadruple its
-# (8, 16, 16) accumulators beyond the registers, and the weighting caps k at 16
-# (weighting.MAX_TASKS) anyway.
+# (8, 16, 16) accumulators beyond the registers. Larger k goes to the torch backend.
 MAX_ROWS = 16
 # Columns per Gram program: enough loads in flight per program, and partials of k²·8 bytes per
 # k·4096 input values (at most 0.8% of a float32 input's bytes) for the reduction to read.
