@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +45,10 @@ __all__ = [
 
 Blocks = list[torch.Tensor | None]
 
+# The node that gives a leaf its .grad, by its class name.
+_LEAF = "AccumulateGrad"
+# The nodes of nn.Embedding / nn.EmbeddingBag, which record whether their gradient is sparse.
+_EMBEDDINGS = ("EmbeddingBackward0", "EmbeddingBagBackward0")
 # The autograd node of torch.utils.checkpoint(..., use_reentrant=True). Its backward runs a nested
 # ``torch.autograd.backward``, which ``torch.autograd.grad`` (what the engine calls) cannot drive.
 _REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
@@ -70,36 +74,35 @@ def graph_leaves(outputs: torch.Tensor) -> list[torch.Tensor]:
             ``use_reentrant=True``, whose parameters no ``torch.autograd.grad`` can reach, or an
             embedding with sparse gradients.
     """
-    seen: set = set()
-    stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
     leaves = []
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.append(variable)
-            continue
-        if node.name() == _REENTRANT_CHECKPOINT:
+    for node in _nodes(outputs):
+        kind = type(node).__name__
+        if kind == _LEAF:
+            leaves.append(node.variable)
+        elif kind == _REENTRANT_CHECKPOINT:
             raise ValueError(
                 "the losses pass through torch.utils.checkpoint(..., use_reentrant=True), whose "
                 "layers cannot get per-task gradients (torch.autograd.grad does not run it); "
                 "use torch.utils.checkpoint(..., use_reentrant=False), which works unchanged"
             )
-        if getattr(node, "_saved_sparse", False):  # nn.Embedding / nn.EmbeddingBag(sparse=True)
+        elif kind in _EMBEDDINGS and node._saved_sparse:
             raise ValueError(
-                f"the losses pass through {node.name()} with sparse gradients; gradbalance "
-                f"balances dense gradients only: build the module with sparse=False"
+                f"the losses pass through {kind} with sparse gradients; gradbalance balances "
+                f"dense gradients only: build the module with sparse=False"
             )
-        stack.extend(child for child, _ in reversed(node.next_functions) if child is not None)
     return leaves
 
 
 def reaches(output: torch.Tensor, tensors: set[int]) -> bool:
     """Whether the autograd graph of ``output`` reaches one of the leaves whose ``id`` is in
-    ``tensors`` (a depth-first search that stops at the first)."""
+    ``tensors`` (the search stops at the first)."""
+    return any(
+        type(node).__name__ == _LEAF and id(node.variable) in tensors for node in _nodes(output)
+    )
+
+
+def _nodes(output: torch.Tensor) -> Iterator:
+    """The autograd nodes of ``output``'s graph, depth first, each once."""
     seen: set = set()
     stack = [output.grad_fn] if output.grad_fn is not None else []
     while stack:
@@ -107,13 +110,8 @@ def reaches(output: torch.Tensor, tensors: set[int]) -> bool:
         if node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) in tensors:
-                return True
-            continue
-        stack.extend(child for child, _ in node.next_functions if child is not None)
-    return False
+        yield node
+        stack.extend(child for child, _ in reversed(node.next_functions) if child is not None)
 
 
 def task_gradients(
