@@ -2,9 +2,12 @@
 
     python examples/lightning_manual.py
 
-Lightning's automatic optimisation calls ``loss.backward()`` on one loss; with
-``automatic_optimization = False`` the LightningModule calls ``opt.backward(losses)`` itself.
-``self.optimizers()`` wraps the optimizer, so the module keeps its own reference for ``backward``.
+With ``automatic_optimization = False`` the LightningModule drives the optimizer itself: it
+calls ``backward(losses)`` on a :class:`gradbalance.MultiObjectiveOptimizer` instead of
+``self.manual_backward(loss)``. ``self.optimizers()`` wraps the optimizer (``zero_grad`` and
+``step`` go through the wrapper, so Lightning counts the steps), so the module keeps its own
+reference to the optimizer for ``backward``. For automatic optimisation see
+``examples/lightning_automatic.py``.
 """
 
 import lightning as L
@@ -22,18 +25,18 @@ class Distillation(L.LightningModule):
         self.student = toy.student
 
     def configure_optimizers(self) -> MultiObjectiveOptimizer:
-        self.balancer = MultiObjectiveOptimizer(self.student.parameters(), lr=1e-2)
-        return self.balancer
+        self.multi_objective = MultiObjectiveOptimizer(self.student.parameters(), lr=1e-2)
+        return self.multi_objective
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, y = batch
-        losses = self.toy.losses(x, y, self.student)
+        distill, task = self.toy.losses(x, y, self.student)
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        self.balancer.backward(losses)
+        self.multi_objective.backward({"distill": distill, "task": task})
         optimizer.step()
-        pi_task = self.balancer.weights[1]
-        self.log_dict({"distill": losses[0], "task": losses[1], "pi_task": pi_task})
+        self.log_dict({"distill": distill, "task": task})
+        self.log_dict({f"pi_{k}": v for k, v in self.multi_objective.named_weights.items()})
 
 
 toy = Toy()
@@ -47,5 +50,7 @@ trainer = L.Trainer(
     enable_checkpointing=False,
     enable_progress_bar=False,
 )
-trainer.fit(Distillation(toy), loader)
-print(f"accuracy {toy.accuracy():.3f}")
+module = Distillation(toy)
+trainer.fit(module, loader)
+weights = {k: round(v.item(), 3) for k, v in module.multi_objective.named_weights.items()}
+print(f"accuracy {toy.accuracy():.3f}, π = {weights}")

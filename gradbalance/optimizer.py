@@ -62,9 +62,14 @@ class MultiObjectiveOptimizer(Optimizer):
         base: the optimizer class that takes the step (default :class:`torch.optim.AdamW`; AdamW
             and Adam get ``fused=True`` where torch supports it, unless ``fused`` or ``foreach``
             is given).
-        mode, min_losses, normalize, pi_lr, pi_weight_decay, pi_optimizer, stats_every,
-            vectorize: the
-            :class:`~gradbalance.Balancer`'s.
+        mode: see :class:`~gradbalance.Balancer`, as for the options below.
+        min_losses: the bounds ``m_i`` (the Balancer's).
+        normalize: the Balancer's.
+        pi_lr: the Balancer's (amortized mode).
+        pi_weight_decay: the Balancer's (amortized mode).
+        pi_optimizer: the Balancer's (amortized mode).
+        stats_every: the Balancer's (amortized mode).
+        vectorize: the Balancer's.
         **base_kwargs: passed to ``base`` (``lr``, ``weight_decay``, ``betas``, ``fused``, …).
 
     Example::

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-SINGLE_PROCESS = ["amp.py", "accumulation.py", "compile.py", "lightning_manual.py"]
+SINGLE_PROCESS = [
+    "amp.py",
+    "accumulation.py",
+    "compile.py",
+    "lightning_manual.py",
+    "lightning_automatic.py",
+]
 
 
 def run_example(*command: str) -> str:
@@ -32,6 +38,17 @@ def accuracy(output: str) -> float:
 def test_example_trains_the_student(script):
     output = run_example(sys.executable, script)
     assert accuracy(output) > 0.5  # chance is 0.1; the teacher's labels are 90 % recoverable
+
+
+@pytest.mark.slow
+def test_hf_trainer_example_distils_with_a_balancer():
+    output = run_example(sys.executable, "hf_trainer.py")
+    assert accuracy(output) > 0.5  # 4 classes, chance is 0.25; the script checks the loss fell
+    # Trainer's log lines carry π averaged over the steps since the last log (300 steps, every 100)
+    logged = re.findall(r"'pi_distill': '?([-\d.e]+)'?, 'pi_task': '?([-\d.e]+)", output)
+    assert len(logged) == 3, output
+    for distill, task in logged:
+        assert 0 <= float(distill) <= 1 and abs(float(distill) + float(task) - 1) < 1e-3
 
 
 @pytest.mark.slow
