@@ -240,7 +240,7 @@ def test_a_detached_loss_is_refused_by_name(mode, how):
             ce = problem.losses()[1]
     else:
         ce = problem.losses()[1].detach()
-    with pytest.raises(ValueError, match="'task'.*reach"):
+    with pytest.raises(ValueError, match=r"'task'.*reach"):
         opt.backward({"distill": mse, "task": ce})
     assert_unchanged(before, snapshot(opt, problem.model))
 
