@@ -45,9 +45,7 @@ def load_package(checkout: Path, name: str) -> ModuleType:
 
 def balanced_step(package: ModuleType, batch: Batch, mode: str, **model_kwargs: int):
     model = mlp(**model_kwargs)
-    optimizer = package.MultiObjectiveOptimizer(
-        model.parameters(), mode=mode, lr=1e-4, fused=True
-    )
+    optimizer = package.MultiObjectiveOptimizer(model.parameters(), mode=mode, lr=1e-4, fused=True)
 
     def step() -> None:
         optimizer.zero_grad()
