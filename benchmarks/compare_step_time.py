@@ -2,6 +2,7 @@
 
     git worktree add /tmp/old <commit>
     python benchmarks/compare_step_time.py /tmp/old [--repeats 21]
+    python benchmarks/compare_step_time.py /tmp/old --this /tmp/old   # A/A: the noise floor
 
 Loads the other checkout's package under another name next to this one and times, on the same
 batch, plain AdamW and each version's exact and amortized steps (the workloads of
@@ -58,10 +59,13 @@ def balanced_step(package: ModuleType, batch: Batch, mode: str, **model_kwargs: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("other", type=Path, help="the other checkout (e.g. a git worktree)")
+    parser.add_argument(
+        "--this", type=Path, default=Path(__file__).parents[1], help="default: this checkout"
+    )
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
     versions = {
-        "this": load_package(Path(__file__).parents[1], "gradbalance_this"),
+        "this": load_package(args.this, "gradbalance_this"),
         "other": load_package(args.other, "gradbalance_other"),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")

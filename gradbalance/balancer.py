@@ -579,8 +579,8 @@ class Balancer:
         )
         engine.require_dense(grads, step.describe)
         step, grads = step.reached_only(grads)
-        flat = self._flat_gradients(step, 1)
         if step.accumulate or self._window is not None or step.layout.group is not None:
+            flat = self._flat_gradients(step, 1)
             blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
             if not self._gather(step, window, flat, blocks):
                 return
@@ -602,7 +602,7 @@ class Balancer:
                 step.names,
                 allow_nonfinite=step.scaled,
             )
-            written = flat.write_grad_from(grads)
+            written = engine.accumulate_grads(step.tensors, grads)
         engine.run_post_accumulate_grad_hooks(written)
         if finite:
             mode.commit(famo, window.mean)

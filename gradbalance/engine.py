@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import enum
 import math
-import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .distributed import as_grad_of, local
+from .distributed import as_grad_of, is_sharded, local
 
 __all__ = [
     "FlatGradients",
     "Role",
+    "accumulate_grads",
     "all_finite",
     "backward_gradients",
     "gram_matrix",
@@ -320,8 +321,20 @@ class _Group:
     size: int
     like: torch.Tensor  # a zero-size tensor of the buffers' device and dtype
     tasks: torch.Tensor | None = None  # (k, n), row i holds ρ_i ∇L_i; made on first store
-    # The (n,) buffer of the last write whose views are the tensors' .grad, while alive.
-    written: Callable[[], torch.Tensor | None] = field(default=lambda: None)
+    combined: torch.Tensor | None = None  # (n,): the last write; .grad are views of it
+    references: int = 0  # the combined buffer's storage use count with no view of it alive
+
+    def reusable(self) -> torch.Tensor | None:
+        """The combined buffer, when no view of it is alive any more: after
+        ``zero_grad(set_to_none=True)``, unless a ``.grad`` of it is still held somewhere."""
+        if self.combined is None or _storage_use_count(self.combined) != self.references:
+            return None
+        return self.combined
+
+    def fresh(self) -> torch.Tensor:
+        self.combined = self.like.new_empty(self.size)
+        self.references = _storage_use_count(self.combined)
+        return self.combined
 
 
 class FlatGradients:
@@ -426,32 +439,14 @@ class FlatGradients:
 
         return self._write(fill)
 
-    def write_grad_from(self, gradients: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Add ``gradients`` (one per tensor, ``None`` where unreached) into ``.grad``, with no
-        task buffer: the single-batch path of a mode that computes one gradient per tensor."""
-        self.reached = [gradient is not None for gradient in gradients]
-
-        def fill(group: _Group, out: torch.Tensor, accumulate: bool) -> None:
-            pairs = [
-                (slot.view(out), gradients[i])
-                for slot, i in zip(group.slots, group.indices, strict=True)
-                if gradients[i] is not None
-            ]
-            if pairs:
-                views, sources = zip(*pairs, strict=True)
-                (torch._foreach_add_ if accumulate else torch._foreach_copy_)(
-                    list(views), [local(source) for source in sources]
-                )
-
-        return self._write(fill)
-
     def _write(self, fill: Callable[[_Group, torch.Tensor, bool], None]) -> list[torch.Tensor]:
         """Writes each group's combination with ``fill(group, out, accumulate)``.
 
-        When every reached tensor's ``.grad`` is still a view of the group's last buffer
+        When every reached tensor's ``.grad`` is still a view of the group's buffer
         (``zero_grad(set_to_none=False)``, or no zeroing), the combination is added into it in
-        place; otherwise it goes into a fresh buffer, whose views become the ``.grad`` that are
-        None and are added into those that exist.
+        place. Otherwise it goes into the buffer again if no view of it is alive, else into a new
+        one (a ``.grad`` kept from an earlier step never changes); its views become the ``.grad``
+        that are None and are added into those that exist.
         """
         written = []
         for group in self.groups:
@@ -463,15 +458,16 @@ class FlatGradients:
             if not members:
                 continue
             written.extend(tensor for tensor, _ in members)
-            last = group.written()
+            last = group.combined
             if last is not None and all(slot.holds(t.grad, last) for t, slot in members):
                 fill(group, last, True)  # unreached tensors' columns add zeros
                 continue
-            fresh = group.like.new_empty(group.size)
-            fill(group, fresh, False)
-            group.written = weakref.ref(fresh)
+            out = group.reusable()
+            if out is None:
+                out = group.fresh()
+            fill(group, out, False)
             for tensor, slot in members:
-                grad = as_grad_of(tensor, slot.view(fresh))
+                grad = as_grad_of(tensor, slot.view(out))
                 if tensor.grad is None:
                     tensor.grad = grad
                 else:
@@ -479,9 +475,65 @@ class FlatGradients:
         return written
 
 
+def accumulate_grads(
+    tensors: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """Adds ``gradients`` into ``.grad`` as ``Tensor.backward``'s ``AccumulateGrad`` does.
+
+    A gradient becomes ``.grad`` as it is when it follows the layout contract and owns its
+    memory alone; one that is expanded, strided otherwise, part of a larger buffer, or shares its
+    memory with another of ``gradients`` (autograd hands ``W`` and ``ΔW`` of ``x @ (W + ΔW)`` one tensor) is
+    copied into a new tensor laid out by the contract. An existing ``.grad`` is added into.
+
+    Returns:
+        The tensors whose ``.grad`` was written.
+    """
+    storages = Counter(
+        g.untyped_storage().data_ptr() for g in gradients if g is not None and not is_sharded(g)
+    )
+    written = []
+    for tensor, gradient in zip(tensors, gradients, strict=True):
+        if gradient is None:
+            continue
+        written.append(tensor)
+        if tensor.grad is not None:
+            tensor.grad.add_(gradient)
+        elif is_sharded(gradient) or _owns_its_layout(gradient, tensor, storages):
+            tensor.grad = gradient  # a sharded gradient is FSDP's own, made for the shard
+        else:
+            grad = torch.empty_strided(
+                tensor.shape, _contract_strides(tensor), dtype=tensor.dtype, device=tensor.device
+            )
+            tensor.grad = grad.copy_(gradient)
+    return written
+
+
+def _owns_its_layout(gradient: torch.Tensor, tensor: torch.Tensor, storages: Counter) -> bool:
+    """Whether ``gradient`` can become ``.grad`` as it is: it fills its memory exactly, with the
+    contract's strides, and no other gradient of the same backward shares that memory. (What
+    ``torch.autograd.grad`` returns is memory of the backward itself — often a transposed or
+    reshaped view of a product — whose only other holders were the backward's own buffers.)"""
+    return (
+        storages[gradient.untyped_storage().data_ptr()] == 1
+        and gradient.dtype == tensor.dtype
+        and gradient.device == tensor.device
+        and gradient.storage_offset() == 0
+        and gradient.untyped_storage().nbytes() == gradient.numel() * gradient.element_size()
+        and (gradient.numel() == 0 or tuple(gradient.stride()) == _contract_strides(tensor))
+    )
+
+
+def _storage_use_count(tensor: torch.Tensor) -> int:
+    """How many tensors share ``tensor``'s memory (torch's own count, as its CUDA-graph trees
+    read it to tell whether an output is still alive)."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
 def _contract_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     """The strides torch gives a fresh ``.grad`` of ``tensor``: its own when it is non-overlapping
     and dense (a permutation of a contiguous layout), else contiguous."""
+    if tensor.is_contiguous():
+        return tuple(tensor.stride())
     if tensor.numel() > 0:
         dims = sorted(
             (stride, size)
