@@ -286,3 +286,21 @@ def test_gram_needs_a_reached_balanced_parameter():
     flat.store(blocks, accumulate=False)
     with pytest.raises(ValueError, match="no loss reaches any balanced parameter"):
         flat.gram()
+
+
+def test_the_buffer_is_written_again_only_when_no_grad_of_it_is_held():
+    params = parameters_of_two_dtypes()
+    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
+    coefficients = by_role(torch.tensor([1.0, 0.5], dtype=torch.float64))
+    flat.store(random_blocks(params, 2, seed=13), accumulate=False)
+    flat.write_grad(coefficients)
+    addresses = [p.grad.data_ptr() for p in params]
+    for p in params:
+        p.grad = None  # zero_grad(): nobody holds the old .grad
+    flat.write_grad(coefficients)
+    assert [p.grad.data_ptr() for p in params] == addresses
+    held = params[0].grad
+    for p in params:
+        p.grad = None
+    flat.write_grad(coefficients)
+    assert params[0].grad.data_ptr() != held.data_ptr()
