@@ -1,4 +1,6 @@
-"""Amortized weighting (SPEC §3, FAMO by Liu et al. 2023): π from logits learned on loss decrease.
+"""Amortized weighting (FAMO, Liu et al. 2023): π from logits learned on the loss decrease.
+
+The math is docs/method.md's, "Amortized mode".
 
 No per-task gradients: π = softmax(w), and w is updated after each step so that the task whose
 log-loss decreased least gets more weight. The state — the logits w ∈ R^k (initialised to 0,

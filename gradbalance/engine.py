@@ -482,8 +482,9 @@ def accumulate_grads(
 
     A gradient becomes ``.grad`` as it is when it follows the layout contract and owns its
     memory alone; one that is expanded, strided otherwise, part of a larger buffer, or shares its
-    memory with another of ``gradients`` (autograd hands ``W`` and ``ΔW`` of ``x @ (W + ΔW)`` one tensor) is
-    copied into a new tensor laid out by the contract. An existing ``.grad`` is added into.
+    memory with another of ``gradients`` (autograd hands ``W`` and ``ΔW`` of ``x @ (W + ΔW)``
+    one tensor) is copied into a new tensor laid out by the contract. An existing ``.grad`` is
+    added into.
 
     Returns:
         The tensors whose ``.grad`` was written.

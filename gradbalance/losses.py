@@ -1,4 +1,6 @@
-"""Distillation and task losses (SPEC §5) and their grouping into the optimizer's k objectives.
+"""Distillation and task losses and their grouping into the optimizer's k objectives.
+
+See docs/projectors.md, "Distillation losses and the k objectives".
 
 Classification as in the paper's appendix A::
 

@@ -1,4 +1,4 @@
-"""Feature projectors for distillation (SPEC §4).
+"""Feature projectors for distillation (docs/projectors.md).
 
 ``IndefiniteSubspaceProjector`` is MoKD's subspace learning: two isometric embeddings
 P_t ∈ St(n, n_t), P_s ∈ St(n, n_s) into a common space R^n and a diagonal metric D = diag(d) of
@@ -178,7 +178,7 @@ class _StiefelProjector(nn.Module, abc.ABC):
 
 
 class IndefiniteSubspaceProjector(_StiefelProjector):
-    r"""MoKD's indefinite subspace projector (paper §3.2, SPEC §4).
+    r"""MoKD's indefinite subspace projector (paper §3.2; docs/projectors.md).
 
     Embeds teacher z_t ∈ R^{n_t} and student z_s ∈ R^{n_s} into R^n, n ≥ max(n_t, n_s)::
 

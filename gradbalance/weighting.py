@@ -47,7 +47,7 @@ _VALUE_ROUNDING = 16 * np.finfo(np.float64).eps
 
 
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
-    """The exact minimum-norm point of the convex hull of the gradients (SPEC §2, MGDA).
+    """The exact minimum-norm point of the convex hull of the gradients (MGDA; docs/method.md).
 
     Solves ``π* = argmin_{π ∈ Δ} ½ πᵀ G π`` over the simplex ``Δ = {π ≥ 0, Σ π_i = 1}``.
 

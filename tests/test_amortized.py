@@ -29,7 +29,7 @@ def test_famo_update_is_torch_adam_on_the_logits(sequence, optimizer, lr, weight
     for before, after in itertools.pairwise(sequence):
         before, after = torch.tensor(before).double(), torch.tensor(after).double()
         state = famo_update(state, before, after, bounds, hyper)
-        decrease = (before + 1e-8).log() - (after + 1e-8).log()  # SPEC §3: ε = 1e-8
+        decrease = (before + 1e-8).log() - (after + 1e-8).log()  # docs/method.md: ε = 1e-8
         logits.grad = logit_gradient(logits.detach(), decrease)
         reference.step()
         torch.testing.assert_close(state.logits, logits.detach(), rtol=1e-12, atol=1e-14)

@@ -76,7 +76,7 @@ def test_gram_matrix_of_blocks_equals_the_float64_product():
 
 
 def test_gram_matrix_keeps_pi_accurate_for_nearly_parallel_float32_gradients():
-    # SPEC §2: cos ≈ 0.999 over 1e6 float32 elements; π must match the float64 answer.
+    # docs/method.md, Numerics: cos ≈ 0.999 over 1e6 float32 elements; π as in float64.
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(1_000_000, generator=generator, dtype=torch.float64)
     other = 0.999 * base + 0.0447 * torch.randn(1_000_000, generator=generator, dtype=torch.float64)

@@ -102,7 +102,7 @@ def test_amortized_mode_computes_statistics_only_when_asked():
     assert seen == [True, False, True, False]
 
 
-# SPEC §3 test vector: two tasks, w = 0, loss pairs before → after each step.
+# The amortized-mode test vector of docs/method.md: two tasks, w = 0, losses before → after.
 SPEC_LOSSES = [[1.0, 2.0], [0.9, 1.9], [0.85, 1.7], [0.8, 1.65]]
 
 

@@ -66,7 +66,7 @@ def test_amortized_micro_batches_average_their_weighted_gradients_under_one_pi()
 
 
 def test_amortized_logits_learn_from_the_mean_loss_of_each_window():
-    # The SPEC §3 test vector, each batch split into two micro-batches with the same mean.
+    # docs/method.md's amortized test vector, each batch split in two micro-batches (same mean).
     anchor = torch.zeros(1, requires_grad=True)
     opt = MultiObjectiveOptimizer([anchor], mode="amortized")
     spec = [[1.0, 2.0], [0.9, 1.9], [0.85, 1.7], [0.8, 1.65]]

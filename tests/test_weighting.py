@@ -29,7 +29,7 @@ def jacobians(draw, min_tasks=2, max_tasks=6):
 
 
 def reference_two_task(gram: np.ndarray) -> np.ndarray:
-    """SPEC §2 closed form, written independently of the library."""
+    """The k = 2 closed form of docs/method.md, written independently of the library."""
     g11, g22, g12 = gram[0, 0], gram[1, 1], gram[0, 1]
     denominator = g11 + g22 - 2 * g12
     first = 0.5 if denominator <= 1e-12 * max(g11 + g22, 1e-300) else (g22 - g12) / denominator
