@@ -48,7 +48,7 @@ def as_losses(losses: LossesLike) -> tuple[tuple[str, ...] | None, list[torch.Te
         raise ValueError(
             "none of the losses requires grad: were they computed under torch.no_grad()?"
         )
-    return names, [loss.reshape(()) for loss in items]
+    return names, [loss if loss.ndim == 0 else loss.reshape(()) for loss in items]
 
 
 def loss_label(index: int, names: Sequence[str] | None) -> str:

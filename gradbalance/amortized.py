@@ -92,6 +92,8 @@ class FamoState:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> FamoState:
         """The same state on ``device`` in ``dtype``."""
+        if self.logits.device == device and self.logits.dtype == dtype:
+            return self
         tensors = {name: getattr(self, name).to(device, dtype) for name in _TENSORS}
         return replace(self, **tensors)
 

@@ -280,6 +280,7 @@ class Balancer:
         self._flat: engine.FlatGradients | None = None
         self._flat_key: tuple = ()
         self._window: _Window | None = None
+        self._bounds_cache: torch.Tensor | None = None
 
     @property
     def mode(self) -> Mode:
@@ -462,7 +463,10 @@ class Balancer:
             raise ValueError(f"the losses were unnamed in earlier steps, got names {list(names)}")
 
     def _bounds(self, num_losses: int, device: torch.device) -> torch.Tensor:
-        return as_min_losses(self._min_losses_arg, num_losses, device)
+        cached = self._bounds_cache
+        if cached is None or len(cached) != num_losses or cached.device != device:
+            cached = self._bounds_cache = as_min_losses(self._min_losses_arg, num_losses, device)
+        return cached
 
     # -- exact and affine modes ------------------------------------------------------------------
 
