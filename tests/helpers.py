@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,10 @@ class TeacherStudentProblem:
             torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
         ).to(dtype)
 
-    def losses(self, model: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    def losses(
+        self, model: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """[distillation, task] of ``model`` (default: the student), any callable on the inputs."""
         outputs = (model or self.model)(self.inputs)
         return [F.mse_loss(outputs, self.teacher_outputs), F.cross_entropy(outputs, self.labels)]
 

@@ -193,12 +193,7 @@ def test_reentrant_checkpoint_is_refused_with_the_fix_and_nothing_changes(mode):
     opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode)
     before = snapshot(opt, problem.model)
     first, rest = problem.model[0], problem.model[1:]
-    hidden = first(problem.inputs)
-    outputs = checkpoint(rest, hidden, use_reentrant=True)
-    losses = [
-        F.mse_loss(outputs, problem.teacher_outputs),
-        F.cross_entropy(outputs, problem.labels),
-    ]
+    losses = problem.losses(lambda x: checkpoint(rest, first(x), use_reentrant=True))
     with pytest.raises(ValueError, match="use_reentrant=False"):
         opt.backward(losses)
     assert_unchanged(before, snapshot(opt, problem.model))
@@ -209,15 +204,11 @@ def test_non_reentrant_checkpoint_gives_the_unchecked_gradient(mode):
     from torch.utils.checkpoint import checkpoint
 
     problem = TeacherStudentProblem(dtype=torch.float64)
+    first, rest = problem.model[0], problem.model[1:]
     grads = []
-    for wrap in (False, True):
+    for model in (problem.model, lambda x: checkpoint(rest, first(x), use_reentrant=False)):
         opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode)
-        hidden = problem.model[0](problem.inputs)
-        rest = problem.model[1:]
-        outputs = checkpoint(rest, hidden, use_reentrant=False) if wrap else rest(hidden)
-        opt.backward(
-            [F.mse_loss(outputs, problem.teacher_outputs), F.cross_entropy(outputs, problem.labels)]
-        )
+        opt.backward(problem.losses(model))
         grads.append([p.grad.clone() for p in problem.model.parameters()])
         opt.zero_grad()
     for a, b in zip(*grads):
@@ -251,11 +242,7 @@ def test_losses_that_reach_no_parameter_are_refused(mode):
     other = torch.nn.Linear(10, 4)
     opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode)
     before = snapshot(opt, problem.model)
-    outputs = other(problem.inputs)  # the optimizer's parameters are not in this graph
-    losses = [
-        F.mse_loss(outputs, problem.teacher_outputs),
-        F.cross_entropy(outputs, problem.labels),
-    ]
+    losses = problem.losses(other)  # the optimizer's parameters are not in this graph
     with pytest.raises(ValueError, match="loss 0, loss 1 reach"):
         opt.backward(losses)
     assert_unchanged(before, snapshot(opt, problem.model))
