@@ -473,3 +473,21 @@ def test_the_statistics_cover_the_balanced_parameters_only(mode):
     jacobian = torch.stack(rows)
     opt.backward(losses)
     torch.testing.assert_close(opt.stats["gram"], jacobian @ jacobian.T)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_scaler_unscales_a_shared_gradient_once_per_parameter(mode):
+    torch.manual_seed(0)
+    weight, delta = (torch.nn.Parameter(torch.randn(4, 3)) for _ in "ab")
+    x = torch.randn(8, 4)
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        opt = MultiObjectiveOptimizer([weight, delta], torch.optim.SGD, mode=mode, lr=0.1)
+        out = x @ (weight + delta)
+        opt.backward([out.square().mean(), (out - 1).abs().mean()], grad_scaler=scaler)
+        if scaler is not None:
+            scaler.unscale_(opt)
+        results.append([weight.grad.clone(), delta.grad.clone()])
+        opt.zero_grad()
+    for plain, unscaled in zip(*results):
+        torch.testing.assert_close(unscaled, plain)
