@@ -101,6 +101,11 @@ class FamoState:
         """Plain Python numbers (float64 holds float32 and float16 values exactly)."""
         return {**{name: getattr(self, name).tolist() for name in _TENSORS}, "step": self.step}
 
+    @staticmethod
+    def empty_state_dict() -> dict[str, Any]:
+        """The :meth:`state_dict` layout with no state yet (no k known)."""
+        return {**{name: [] for name in _TENSORS}, "step": 0}
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> FamoState:
         """The state of :meth:`state_dict`, as float64 CPU tensors (:meth:`to` moves it)."""

@@ -90,9 +90,7 @@ class FamoMode:
 
     def current(self, num_losses: int, like: torch.Tensor) -> FamoState:
         """The state on ``like``'s device (a fresh one before the first balanced backward)."""
-        dtype = torch.promote_types(
-            like.real.dtype if like.is_complex() else like.dtype, torch.float32
-        )
+        dtype = torch.promote_types(like.real.dtype, torch.float32)  # complex: its real dtype
         if self.famo is None:
             return FamoState.initial(num_losses, like.device, dtype)
         return self.famo.to(like.device, dtype)
@@ -110,9 +108,9 @@ class FamoMode:
         self.famo, self.previous_losses = famo, losses
 
     def state_dict(self) -> dict[str, Any]:
-        empty = {"logits": [], "grad": [], "exp_avg": [], "exp_avg_sq": [], "step": 0}
+        famo = self.famo
         return {
-            "famo": empty if self.famo is None else self.famo.state_dict(),
+            "famo": FamoState.empty_state_dict() if famo is None else famo.state_dict(),
             "previous_losses": _floats(self.previous_losses),
         }
 

@@ -357,12 +357,13 @@ class FlatGradients:
         self.reached = [False] * len(self.tensors)
         by_key: dict[tuple, list[int]] = {}
         for index, (tensor, role) in enumerate(zip(self.tensors, roles, strict=True)):
-            shard = local(tensor)
-            dtype = shard.real.dtype if shard.is_complex() else shard.dtype
-            by_key.setdefault((shard.device, dtype, role), []).append(index)
-        self.groups = [self._group(indices, role) for (_, _, role), indices in by_key.items()]
+            shard = local(tensor)  # a complex tensor is stored as its real view
+            by_key.setdefault((shard.device, shard.real.dtype, role), []).append(index)
+        self.groups = [self._group(indices, *key) for key, indices in by_key.items()]
 
-    def _group(self, indices: list[int], role: Role) -> _Group:
+    def _group(
+        self, indices: list[int], device: torch.device, dtype: torch.dtype, role: Role
+    ) -> _Group:
         start, slots = 0, []
         for index in indices:
             shard = local(self.tensors[index])  # of a sharded tensor, this rank's shard
@@ -374,9 +375,7 @@ class FlatGradients:
                 shape = tuple(shard.shape)
             slots.append(_Slot(start, shape, tuple(strides), shard.is_complex()))
             start += slots[-1].size
-        shard = local(self.tensors[indices[0]])
-        dtype = shard.real.dtype if shard.is_complex() else shard.dtype
-        like = torch.empty(0, device=shard.device, dtype=dtype)
+        like = torch.empty(0, device=device, dtype=dtype)
         return _Group(indices, role, slots, start, like)
 
     def store(self, blocks: Blocks, *, accumulate: bool) -> None:
@@ -430,23 +429,14 @@ class FlatGradients:
     def write_grad(self, coefficients: dict[Role, torch.Tensor]) -> list[torch.Tensor]:
         """Add ``Σ_i c_i row_i`` into the ``.grad`` of every reached tensor, ``c`` by role.
 
-        Returns:
-            The tensors whose ``.grad`` was written.
-        """
-
-        def fill(group: _Group, out: torch.Tensor, accumulate: bool) -> None:
-            kernels.combine(group.tasks, coefficients[group.role], out, accumulate=accumulate)
-
-        return self._write(fill)
-
-    def _write(self, fill: Callable[[_Group, torch.Tensor, bool], None]) -> list[torch.Tensor]:
-        """Writes each group's combination with ``fill(group, out, accumulate)``.
-
         When every reached tensor's ``.grad`` is still a view of the group's buffer
         (``zero_grad(set_to_none=False)``, or no zeroing), the combination is added into it in
         place. Otherwise it goes into the buffer again if no view of it is alive, else into a new
         one (a ``.grad`` kept from an earlier step never changes); its views become the ``.grad``
         that are None and are added into those that exist.
+
+        Returns:
+            The tensors whose ``.grad`` was written.
         """
         written = []
         for group in self.groups:
@@ -458,14 +448,16 @@ class FlatGradients:
             if not members:
                 continue
             written.extend(tensor for tensor, _ in members)
+            weights = coefficients[group.role]
             last = group.combined
             if last is not None and all(slot.holds(t.grad, last) for t, slot in members):
-                fill(group, last, True)  # unreached tensors' columns add zeros
+                # unreached tensors' columns add zeros
+                kernels.combine(group.tasks, weights, last, accumulate=True)
                 continue
             out = group.reusable()
             if out is None:
                 out = group.fresh()
-            fill(group, out, False)
+            kernels.combine(group.tasks, weights, out, accumulate=False)
             for tensor, slot in members:
                 grad = as_grad_of(tensor, slot.view(out))
                 if tensor.grad is None:
