@@ -20,7 +20,7 @@ what π is, and the state it needs. The math is docs/method.md's.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -770,8 +770,8 @@ class Balancer:
 
 def _as_values(losses: LossesLike) -> tuple[tuple[str, ...] | None, list[torch.Tensor]]:
     """Loss values (no graph needed) with their names, for :meth:`Balancer.update_weights`."""
-    if isinstance(losses, dict):
-        return tuple(losses), [torch.as_tensor(v) for v in losses.values()]
+    if isinstance(losses, Mapping):  # named as as_losses names them
+        return tuple(str(name) for name in losses), [torch.as_tensor(v) for v in losses.values()]
     if isinstance(losses, torch.Tensor):
         return None, list(losses.reshape(-1).unbind())
     return None, [torch.as_tensor(v) for v in losses]
