@@ -41,12 +41,14 @@ from ._inputs import (
 from .amortized import FAMO_EPSILON, FamoHyperparameters, FamoState, PiOptimizer, famo_update
 from .diagnostics import gradient_statistics
 from .engine import Role
+from .strategy import PerTaskBackward
 from .weighting import affine_weights, loss_coefficients, min_norm_weights
 
 __all__ = ["Balancer", "FamoMode", "GramMode", "Mode"]
 
 Mode = Literal["exact", "amortized", "affine"]
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: adds "vectorize"
+_READABLE_VERSIONS = (1, 2)
 
 
 class GramMode:
@@ -234,10 +236,13 @@ class Balancer:
         stats_every: in amortized mode, also compute the per-task gradient statistics every
             ``stats_every``-th backward (costs the per-task backward on those calls; 0 = never).
             Exact and affine modes compute them on every call anyway.
-        vectorize: how the per-task gradients are computed: ``True``, one vmapped backward
-            (``torch.autograd.grad(..., is_grads_batched=True)``); ``False``, k backward passes;
-            ``None`` (default), vmapped, falling back for good (with a warning) to k passes the
-            first time vmap cannot batch an operator. :attr:`vectorize` tells the choice made.
+        vectorize: how exact and affine modes compute the per-task gradients: ``True``, one
+            vmapped backward (``torch.autograd.grad(..., is_grads_batched=True)``); ``False``, k
+            ordinary backward passes, each copied into its row of the ``(k, n)`` buffer as it
+            comes; ``None`` (default), both measured on the first six steps and the faster kept
+            (:mod:`gradbalance.strategy`; k passes for good, with a warning, the first time vmap
+            cannot batch an operator). :attr:`vectorize` tells the choice made; it is part of
+            the state dict.
     """
 
     def __init__(
@@ -274,7 +279,7 @@ class Balancer:
         self.weights: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self._gram: torch.Tensor | None = None
-        self._vectorize = vectorize  # None: not tried yet
+        self._per_task = PerTaskBackward(vectorize)
         self._flat: engine.FlatGradients | None = None
         self._flat_key: tuple = ()
         self._window: _Window | None = None
@@ -286,8 +291,9 @@ class Balancer:
 
     @property
     def vectorize(self) -> bool | None:
-        """Whether the per-task gradients come from one vmapped backward (None: not known yet)."""
-        return self._vectorize
+        """Whether the per-task gradients come from one vmapped backward (None: still being
+        measured, with ``vectorize=None``)."""
+        return self._per_task.choice
 
     @property
     def named_weights(self) -> dict[str, torch.Tensor]:
@@ -349,7 +355,13 @@ class Balancer:
         """
         step = self._checked_step(losses, params, accumulate, grad_scaler)
         if self._mode.per_task:
-            self._gram_backward(step, retain_graph)
+            eligible = self._window is None and _single(step) and not step.layout.sharded
+            calls = self.backward_calls
+            vectorized, measured = self._per_task.plan(
+                eligible, step.losses.device, completed=lambda: self.backward_calls > calls
+            )
+            with measured:
+                self._gram_backward(step, retain_graph, vectorized)
         else:
             self._amortized_backward(step, retain_graph)
 
@@ -468,22 +480,25 @@ class Balancer:
 
     # -- exact and affine modes ------------------------------------------------------------------
 
-    def _gram_backward(self, step: _Step, retain_graph: bool) -> None:
+    def _gram_backward(self, step: _Step, retain_graph: bool, vectorized: bool) -> None:
         window = self._opened(step)
         rho = window.rho.to(step.losses.dtype)  # the scale the rows are computed with
-        step, blocks = step.reached_only(self._task_gradients(step, rho, retain_graph))
-        flat = self._flat_gradients(step, len(step.losses))
-        if not self._gather(step, window, flat, blocks):
+        step, flat, blocks = self._per_task_gradients(step, rho, retain_graph, vectorized)
+        if blocks is not None and self._window is None and _single(step):
+            flat.mark_reached(blocks)  # one batch, one process: the blocks need no (k, n) copy
+        elif self._gather(step, window, flat, blocks):
+            blocks = None  # in the task buffers now
+        else:
             return
         shifted = window.mean - step.min_losses
         rho64 = rho.to(torch.float64)
-        gram = exact.log_loss_gram(step.layout.global_gram(flat.gram()), rho64, shifted)
+        gram = exact.log_loss_gram(step.layout.global_gram(flat.gram(blocks)), rho64, shifted)
         finite = self._check(
             window.mean,
             step.min_losses,
             gram.isfinite().all(),
             step.names,
-            culprits=flat.nonfinite_rows,
+            culprits=lambda: flat.nonfinite_rows(blocks),
             allow_nonfinite=step.scaled,
         )
         # Overflowed under a grad scaler: any finite π; .grad is non-finite and the step skipped.
@@ -495,7 +510,7 @@ class Balancer:
             torch.ones_like(weights), rho64, shifted, step.scale, normalize=self.normalize
         )
         written = flat.write_grad(
-            {Role.BALANCED: coefficients, Role.OUTSIDE: coefficients, Role.PLAIN: plain}
+            {Role.BALANCED: coefficients, Role.OUTSIDE: coefficients, Role.PLAIN: plain}, blocks
         )
         engine.run_post_accumulate_grad_hooks(written)
         if finite:
@@ -512,50 +527,72 @@ class Balancer:
         )
         return _Window(step.values, 1, rho)
 
-    def _task_gradients(self, step: _Step, rho: torch.Tensor, retain_graph: bool) -> engine.Blocks:
-        """Per-task gradients ``ρ_i ∇L_i``: k backward passes for sharded parameters, else one
-        vmapped backward, or k passes where vmap cannot batch an operator."""
+    def _per_task_gradients(
+        self, step: _Step, rho: torch.Tensor, retain_graph: bool, vectorized: bool
+    ) -> tuple[_Step, engine.FlatGradients, engine.Blocks | None]:
+        """The per-task gradients ``ρ_i ∇L_i``, their buffers, and their blocks — or ``None``
+        where the k passes went straight into the buffers' rows (no micro-batch held, so that
+        nothing is spoilt if this one is refused)."""
+        k = len(step.losses)
+        if not step.layout.sharded and not vectorized and self._window is None:
+            flat = self._flat_gradients(step, k)
+            rows = engine.task_gradient_rows(step.losses, rho, step.tensors, retain_graph)
+            for task, gradients in enumerate(rows):  # one pass's gradients alive at a time
+                engine.require_dense(gradients, step.describe)
+                flat.store_row(task, gradients)
+            return step, flat, None
+        blocks = self._task_gradients(step, rho, retain_graph, vectorized)
+        step, blocks = step.reached_only(blocks)
+        return step, self._flat_gradients(step, k), blocks
+
+    def _task_gradients(
+        self, step: _Step, rho: torch.Tensor, retain_graph: bool, vectorized: bool = True
+    ) -> engine.Blocks:
+        """Per-task gradients ``ρ_i ∇L_i`` as blocks: k backward passes for sharded parameters,
+        else one vmapped backward (``vectorized``), or k passes."""
         if step.layout.sharded:
             scaled = [loss * scale for loss, scale in zip(step.losses, rho, strict=True)]
             passes = engine.backward_gradients(scaled, step.tensors, retain_graph=retain_graph)
             blocks = engine.stack_tasks(passes, step.tensors)
+        elif vectorized and self._per_task.choice is not False:
+            blocks = self._vmapped_task_gradients(step.losses, rho, step.tensors, retain_graph)
         else:
-            blocks = self._autograd_task_gradients(step.losses, rho, step.tensors, retain_graph)
+            blocks = engine.task_gradients(
+                step.losses, rho, step.tensors, vectorize=False, retain_graph=retain_graph
+            )
         engine.require_dense(blocks, step.describe)
         return blocks
 
-    def _autograd_task_gradients(
+    def _vmapped_task_gradients(
         self,
         losses: torch.Tensor,
         rho: torch.Tensor,
         tensors: list[torch.Tensor],
         retain_graph: bool,
     ) -> engine.Blocks:
-        if self._vectorize is not False:
-            try:
-                blocks = engine.task_gradients(
-                    losses,
-                    rho,
-                    tensors,
-                    vectorize=True,
-                    # The first try keeps the graph so that the fallback can still run on it.
-                    retain_graph=retain_graph or self._vectorize is None,
-                )
-            except RuntimeError as error:
-                if self._vectorize:
-                    raise
-                warnings.warn(
-                    f"the vectorised per-task backward failed ({error}); using "
-                    f"{len(losses)} sequential backward passes from now on",
-                    stacklevel=6,
-                )
-                self._vectorize = False
-            else:
-                self._vectorize = True
-                return blocks
-        return engine.task_gradients(
-            losses, rho, tensors, vectorize=False, retain_graph=retain_graph
-        )
+        """One vmapped backward; where vmap cannot batch an operator (and ``vectorize`` was not
+        ``True``), k passes, for good, with a warning."""
+        per_task = self._per_task
+        may_fall_back = not per_task.fixed and not per_task.vmap_ran
+        try:
+            # A first try that may fall back keeps the graph, so that the k passes can still run.
+            blocks = engine.task_gradients(
+                losses, rho, tensors, vectorize=True, retain_graph=retain_graph or may_fall_back
+            )
+        except RuntimeError as error:
+            if not may_fall_back:
+                raise
+            warnings.warn(
+                f"the vectorised per-task backward failed ({error}); using "
+                f"{len(losses)} sequential backward passes from now on",
+                stacklevel=6,
+            )
+            per_task.fall_back()
+            return engine.task_gradients(
+                losses, rho, tensors, vectorize=False, retain_graph=retain_graph
+            )
+        per_task.vmap_ran = True
+        return blocks
 
     # -- amortized mode --------------------------------------------------------------------------
 
@@ -645,9 +682,14 @@ class Balancer:
         return self._flat
 
     def _gather(
-        self, step: _Step, window: _Window, flat: engine.FlatGradients, blocks: engine.Blocks
+        self,
+        step: _Step,
+        window: _Window,
+        flat: engine.FlatGradients,
+        blocks: engine.Blocks | None,
     ) -> bool:
-        """Adds this micro-batch's blocks to ``flat``; ``window`` is the accumulation window with
+        """Adds this micro-batch's blocks to ``flat`` (``None``: they are in its buffers
+        already, no micro-batch being held); ``window`` is the accumulation window with
         it. Returns whether the window is complete — ``flat`` then holds its means over
         micro-batches and ranks — or False while micro-batches are held.
 
@@ -656,13 +698,15 @@ class Balancer:
         on the last micro-batch the mean losses must be above their bounds.
         """
         if step.accumulate or self._window is not None:
-            finite = step.layout.all_ranks(engine.all_finite(blocks))  # every rank: one branch
+            held = flat.task_buffers if blocks is None else blocks
+            finite = step.layout.all_ranks(engine.all_finite(held))  # every rank: one branch
             if step.accumulate:
                 values, bounds = step.values, torch.full_like(step.values, -torch.inf)
             else:
                 values, bounds = window.mean, step.min_losses
             self._check(values, bounds, finite, step.names, allow_nonfinite=step.scaled)
-        flat.store(blocks, accumulate=self._window is not None)
+        if blocks is not None:
+            flat.store(blocks, accumulate=self._window is not None)
         if step.accumulate:
             self._window = window
             return False
@@ -721,6 +765,7 @@ class Balancer:
             "backward_calls": self.backward_calls,
             "weights": _floats(self.weights),
             "gram": _floats(self._gram),
+            "vectorize": self._per_task.state_dict(),
             **self._mode.state_dict(),
         }
 
@@ -735,12 +780,13 @@ class Balancer:
         self.backward_calls = int(state["backward_calls"])
         self.weights = _tensor(state["weights"])
         self._gram = _tensor(state["gram"])
+        self._per_task.load_state_dict(state.get("vectorize"))  # absent from version 1
         self.stats = {} if self.weights is None else _statistics(self.weights, self._gram)
         self._window = None
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Raises a ValueError when ``state`` was saved by a different mode or for another k."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") not in _READABLE_VERSIONS:
             raise ValueError(
                 "not a gradbalance balancing state (version "
                 f"{_STATE_VERSION}): {type(state).__name__}"
@@ -775,6 +821,11 @@ def _as_values(losses: LossesLike) -> tuple[tuple[str, ...] | None, list[torch.T
     if isinstance(losses, torch.Tensor):
         return None, list(losses.reshape(-1).unbind())
     return None, [torch.as_tensor(v) for v in losses]
+
+
+def _single(step: _Step) -> bool:
+    """A single batch in a single process: nothing to hold for later micro-batches or ranks."""
+    return not step.accumulate and step.layout.group is None
 
 
 def _statistics(weights: torch.Tensor, gram: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ __all__ = [
     "require_dense",
     "run_post_accumulate_grad_hooks",
     "stack_tasks",
+    "task_gradient_rows",
     "task_gradients",
     "weighted_gradient",
 ]
@@ -152,11 +153,24 @@ def task_gradients(
                 allow_unused=True,
             )
         )
-    per_task = [
-        _gradient(loss, tensors, retain_graph or i < len(losses) - 1, grad_output=row_scale[i])
-        for i, loss in enumerate(losses)
-    ]
-    return stack_tasks(per_task, tensors)
+    return stack_tasks(list(task_gradient_rows(losses, row_scale, tensors, retain_graph)), tensors)
+
+
+def task_gradient_rows(
+    losses: torch.Tensor,
+    row_scale: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    retain_graph: bool = False,
+) -> Iterator[tuple[torch.Tensor | None, ...]]:
+    """The per-task gradients one loss at a time: k ordinary backward passes, pass i yielding
+    ``ρ_i ∇L_i`` for every tensor (``None`` where loss i does not reach it).
+
+    A consumer that copies each pass into a buffer row before asking for the next holds one
+    pass's gradients at a time, where :func:`task_gradients` holds all k.
+    """
+    for index, loss in enumerate(losses):
+        keep = retain_graph or index < len(losses) - 1
+        yield _gradient(loss, tensors, keep, grad_output=row_scale[index])
 
 
 def weighted_gradient(
@@ -303,12 +317,25 @@ class _Slot:
         )
 
     def rows(self, tasks: torch.Tensor) -> torch.Tensor:
-        """This tensor's ``(k, *real shape)`` view of the ``(k, n)`` task buffer."""
+        """This tensor's ``(k, *real shape)`` view of the ``(k, n)`` task buffer (or its
+        ``(*real shape)`` view of one row ``(n,)``)."""
+        leading = tasks.shape[:-1]
         return tasks.as_strided(
-            (len(tasks), *self.shape),
-            (tasks.stride(0), *self.strides),
+            (*leading, *self.shape),
+            (*tasks.stride()[:-1], *self.strides),
             tasks.storage_offset() + self.start,
         )
+
+    def columns(self, block: torch.Tensor) -> torch.Tensor:
+        """``block`` ``(k, *shape)`` as ``(k, size)`` rows in this slot's memory order: a view
+        when each row of ``block`` is laid out as the slot, else a copy."""
+        real = _as_real(block)
+        k = len(real)
+        if tuple(real.stride()) == (self.size, *self.strides) or self.size == 0:
+            return real.as_strided((k, self.size), (self.size, 1), real.storage_offset())
+        ordered = real.new_empty(k, self.size)
+        self.rows(ordered).copy_(real)
+        return ordered
 
 
 @dataclass
@@ -383,51 +410,89 @@ class FlatGradients:
 
         An unreached tensor (``None`` block) contributes zeros.
         """
-        if not accumulate:
+        self._store(blocks, None, accumulate=accumulate)
+
+    def store_row(self, task: int, gradients: Sequence[torch.Tensor | None]) -> None:
+        """Copy one task's gradients (one per tensor, ``None`` where unreached: zeros) into row
+        ``task`` of the task buffers; rows are stored in order, row 0 first."""
+        self._store(gradients, task, accumulate=False)
+
+    def _store(self, sources: Sequence, task: int | None, *, accumulate: bool) -> None:
+        """Copies (or adds) ``sources`` — blocks, or one task's gradients into row ``task`` —
+        into the buffers, and records which tensors they reach."""
+        if not accumulate and not task:
             self.reached = [False] * len(self.tensors)
         for group in self.groups:
             if group.tasks is None:
                 group.tasks = group.like.new_zeros(self.num_tasks, group.size)
+            target = group.tasks if task is None else group.tasks[task]
             pairs = [
-                (slot.rows(group.tasks), _as_real(blocks[i]))
+                (slot.rows(target), _as_real(sources[i]))
                 for slot, i in zip(group.slots, group.indices, strict=True)
-                if blocks[i] is not None
+                if sources[i] is not None
             ]
             if not accumulate and len(pairs) < len(group.indices):
-                group.tasks.zero_()
+                target.zero_()
             if pairs:
-                views, sources = zip(*pairs, strict=True)
+                views, values = zip(*pairs, strict=True)
                 if accumulate:
-                    torch._foreach_add_(list(views), list(sources))
+                    torch._foreach_add_(list(views), list(values))
                 else:
-                    torch._foreach_copy_(list(views), list(sources))
-        for index, block in enumerate(blocks):
-            self.reached[index] = self.reached[index] or block is not None
+                    torch._foreach_copy_(list(views), list(values))
+        for index, source in enumerate(sources):
+            self.reached[index] = self.reached[index] or source is not None
+
+    def mark_reached(self, blocks: Blocks) -> None:
+        """Records which tensors ``blocks`` reach, for blocks used as they are (no copy): the
+        ``blocks=`` argument of :meth:`gram`, :meth:`write_grad` and :meth:`nonfinite_rows`."""
+        self.reached = [block is not None for block in blocks]
 
     @property
     def task_buffers(self) -> list[torch.Tensor]:
         """The ``(k, n)`` buffers, one per group (for collectives and checks)."""
         return [group.tasks for group in self.groups if group.tasks is not None]
 
-    def nonfinite_rows(self) -> list[bool]:
+    def _pieces(self, group: _Group, blocks: Blocks | None) -> list[tuple[int, torch.Tensor]]:
+        """The group's per-task gradients as ``(first column, (k, m) rows)`` pieces: its whole
+        task buffer, or each reached tensor's block (``blocks``) in the buffer's column order."""
+        if blocks is None:
+            return [(0, group.tasks)]
+        return [
+            (slot.start, slot.columns(blocks[i]))
+            for slot, i in zip(group.slots, group.indices, strict=True)
+            if blocks[i] is not None
+        ]
+
+    def pieces(self, blocks: Blocks | None = None) -> list[torch.Tensor]:
+        """Every group's ``(k, m)`` pieces (see :meth:`gram`), for checks."""
+        return [rows for group in self.groups for _, rows in self._pieces(group, blocks)]
+
+    def nonfinite_rows(self, blocks: Blocks | None = None) -> list[bool]:
         """Which rows hold the non-finite gradients: those with an infinity, else those with a
         NaN. (A vmapped backward multiplies the other rows' zero cotangent by an infinite partial
         derivative of one loss: a NaN, never an infinity, in their rows.) For error messages."""
         device = self.groups[0].like.device
-        infinite = torch.stack([b.isinf().any(dim=1).to(device) for b in self.task_buffers])
-        nan = torch.stack([b.isnan().any(dim=1).to(device) for b in self.task_buffers])
+        pieces = self.pieces(blocks)
+        infinite = torch.stack([b.isinf().any(dim=1).to(device) for b in pieces])
+        nan = torch.stack([b.isnan().any(dim=1).to(device) for b in pieces])
         infinite, nan = infinite.any(dim=0).tolist(), nan.any(dim=0).tolist()
         return infinite if any(infinite) else nan
 
-    def gram(self) -> torch.Tensor:
-        """``(k, k)`` float64 Gram matrix of the balanced tensors' per-task gradients."""
+    def gram(self, blocks: Blocks | None = None) -> torch.Tensor:
+        """``(k, k)`` float64 Gram matrix of the balanced tensors' per-task gradients: of the
+        task buffers, or of ``blocks`` used as they are (after :meth:`mark_reached`)."""
         balanced = [group for group in self.groups if group.role is Role.BALANCED]
         if not any(self.reached[i] for group in balanced for i in group.indices):
             raise ValueError("no loss reaches any balanced parameter")
-        return _sum_on_one_device([kernels.gram(group.tasks) for group in balanced])
+        return _sum_on_one_device(
+            [kernels.gram(rows) for group in balanced for _, rows in self._pieces(group, blocks)]
+        )
 
-    def write_grad(self, coefficients: dict[Role, torch.Tensor]) -> list[torch.Tensor]:
-        """Add ``Σ_i c_i row_i`` into the ``.grad`` of every reached tensor, ``c`` by role.
+    def write_grad(
+        self, coefficients: dict[Role, torch.Tensor], blocks: Blocks | None = None
+    ) -> list[torch.Tensor]:
+        """Add ``Σ_i c_i row_i`` into the ``.grad`` of every reached tensor, ``c`` by role; the
+        rows are the task buffers', or ``blocks`` used as they are (after :meth:`mark_reached`).
 
         When every reached tensor's ``.grad`` is still a view of the group's buffer
         (``zero_grad(set_to_none=False)``, or no zeroing), the combination is added into it in
@@ -450,14 +515,15 @@ class FlatGradients:
             written.extend(tensor for tensor, _ in members)
             weights = coefficients[group.role]
             last = group.combined
-            if last is not None and all(slot.holds(t.grad, last) for t, slot in members):
-                # unreached tensors' columns add zeros
-                kernels.combine(group.tasks, weights, last, accumulate=True)
-                continue
-            out = group.reusable()
+            in_place = last is not None and all(slot.holds(t.grad, last) for t, slot in members)
+            out = last if in_place else group.reusable()
             if out is None:
                 out = group.fresh()
-            kernels.combine(group.tasks, weights, out, accumulate=False)
+            for start, rows in self._pieces(group, blocks):  # unreached columns: not members
+                piece = out[start : start + rows.shape[1]]
+                kernels.combine(rows, weights, piece, accumulate=in_place)
+            if in_place:
+                continue
             for tensor, slot in members:
                 grad = as_grad_of(tensor, slot.view(out))
                 if tensor.grad is None:

@@ -420,11 +420,13 @@ def test_a_balancer_with_its_own_adamw_takes_the_optimizers_steps(mode):
     for kind in ("optimizer", "balancer"):
         problem = TeacherStudentProblem()
         if kind == "optimizer":
-            opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode, lr=0.01)
+            opt = MultiObjectiveOptimizer(
+                problem.model.parameters(), mode=mode, vectorize=True, lr=0.01
+            )
             backward = opt.backward
         else:
             opt = torch.optim.AdamW(problem.model.parameters(), lr=0.01, fused=True)
-            balancer = Balancer(mode)
+            balancer = Balancer(mode, vectorize=True)
             params = list(problem.model.parameters())
 
             def backward(losses, balancer=balancer, params=params):

@@ -307,7 +307,7 @@ def train(problem, opt, steps):
 @pytest.mark.parametrize("mode", MODES)
 def test_state_dict_resume_continues_the_identical_trajectory(mode):
     problem = TeacherStudentProblem()
-    opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode, lr=1e-2)
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), mode=mode, vectorize=True, lr=1e-2)
     train(problem, opt, 5)
     saved_model = {k: v.clone() for k, v in problem.model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())  # as torch.save would freeze it
@@ -321,7 +321,7 @@ def test_state_dict_resume_continues_the_identical_trajectory(mode):
         problem.labels,
     )
     resumed.model.load_state_dict(saved_model)
-    fresh = MultiObjectiveOptimizer(resumed.model.parameters(), mode=mode, lr=1e-2)
+    fresh = MultiObjectiveOptimizer(resumed.model.parameters(), mode=mode, vectorize=True, lr=1e-2)
     fresh.load_state_dict(saved_opt)
     train(resumed, fresh, 5)
     for a, b in zip(problem.model.parameters(), resumed.model.parameters()):
