@@ -133,6 +133,45 @@ def describe_unreached(reaches: Sequence[bool], names: Sequence[str] | None) -> 
     )
 
 
+def as_representation(
+    representation: torch.Tensor | Sequence[torch.Tensor] | None, mode: str
+) -> list[torch.Tensor] | None:
+    """The representation tensors of representation mode, checked: given exactly in that mode,
+    tensors that require grad."""
+    if (representation is None) != (mode != "representation"):
+        raise ValueError(
+            "representation= is required in mode='representation' (the tensors the losses "
+            "share, e.g. the student's outputs)"
+            if representation is None
+            else f"representation= is for mode='representation', this balancer runs in {mode!r}"
+        )
+    if representation is None:
+        return None
+    tensors = [representation] if isinstance(representation, torch.Tensor) else list(representation)
+    if not tensors:
+        raise ValueError("representation= needs at least one tensor")
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(
+                f"representation tensor {index} is a {type(tensor).__name__}, not a tensor"
+            )
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"representation tensor {index} (shape {tuple(tensor.shape)}) does not require "
+                f"grad: pass the activations with their graph, not detached ones"
+            )
+    return tensors
+
+
+def describe_unshared(reaches: Sequence[bool], names: Sequence[str] | None) -> str:
+    """A message naming the losses that do not read the representation."""
+    culprits = [loss_label(i, names) for i, reached in enumerate(reaches) if not reached]
+    return (
+        f"{', '.join(culprits)} do(es) not depend on the representation: its gradient there "
+        f"would be zero and π would put all weight on it; pass tensors that every loss reads"
+    )
+
+
 def describe_nonfinite(culprits: Sequence[bool] | None, names: Sequence[str] | None) -> str:
     """A message naming the losses whose gradients are not finite, when known."""
     culprits = [] if culprits is None else [i for i, bad in enumerate(culprits) if bad]

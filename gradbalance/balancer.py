@@ -32,10 +32,12 @@ from ._inputs import (
     ParamsLike,
     as_losses,
     as_min_losses,
+    as_representation,
     checked_min_losses,
     describe_invalid_losses,
     describe_nonfinite,
     describe_unreached,
+    describe_unshared,
     trainable,
 )
 from .amortized import FAMO_EPSILON, FamoHyperparameters, FamoState, PiOptimizer, famo_update
@@ -46,24 +48,26 @@ from .weighting import affine_weights, loss_coefficients, min_norm_weights
 
 __all__ = ["Balancer", "FamoMode", "GramMode", "Mode"]
 
-Mode = Literal["exact", "amortized", "affine"]
+Mode = Literal["exact", "amortized", "affine", "representation"]
+MODES = ("exact", "amortized", "affine", "representation")
 _STATE_VERSION = 2  # 2: adds "vectorize"
 _READABLE_VERSIONS = (1, 2)
 
 
 class GramMode:
-    """Exact and affine modes: π from the Gram matrix of the per-task log-loss gradients.
+    """Exact, affine and representation modes: π from the Gram matrix of the log-loss gradients
+    — with respect to the parameters (``per_task``: one gradient per loss and parameter), or to a
+    shared representation (representation mode: then one weighted backward).
 
     Args:
         name: the mode's name. weighting: ``G (k, k) ↦ π (k,)``, a pure function of the Gram
             matrix (:mod:`gradbalance.weighting`).
     """
 
-    per_task = True
-
     def __init__(self, name: str, weighting: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.name = name
         self.weighting = weighting
+        self.per_task = name != "representation"
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         return self.weighting(gram).to(torch.float64)
@@ -202,6 +206,13 @@ class Balancer:
       batch (FAMO's own scheme).
     * ``"affine"``: the paper's Theorem 3.1 without π ≥ 0, for reproducing the paper only — it
       stops training when the objectives agree (:func:`gradbalance.weighting.affine_weights`).
+    * ``"representation"`` (Sener & Koltun 2018's MGDA upper bound): exact mode's π, but from the
+      Gram matrix of the log-loss gradients with respect to a shared representation passed as
+      ``backward(..., representation=z)`` (the student's outputs or features both losses read),
+      then one ordinary backward of the π-weighted sum: about the cost of ``loss.backward()``.
+      Since ``∇_θ L_i = (∂z/∂θ)ᵀ ∇_z L_i``, ``d`` does not conflict with any objective *at z*;
+      at the parameters it is a bound, not a guarantee (docs/method.md, "Representation
+      mode"). With micro-batches each is balanced by the π of its own representation.
 
     ``.grad`` is written as ``Tensor.backward`` writes it: torch's layout contract (strides of the
     parameter, no aliasing; after ``zero_grad()`` a new buffer, so a ``.grad`` kept from an
@@ -257,8 +268,8 @@ class Balancer:
         stats_every: int = 0,
         vectorize: bool | None = None,
     ) -> None:
-        if mode not in ("exact", "amortized", "affine"):
-            raise ValueError(f"mode must be 'exact', 'amortized' or 'affine', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
         normalize = mode == "amortized" if normalize is None else normalize
         if normalize and mode == "affine":
             raise ValueError("normalize=True needs non-negative weights; affine mode has none")
@@ -270,7 +281,7 @@ class Balancer:
         self._mode: GramMode | FamoMode = (
             FamoMode(hyper)
             if mode == "amortized"
-            else GramMode(mode, min_norm_weights if mode == "exact" else affine_weights)
+            else GramMode(mode, affine_weights if mode == "affine" else min_norm_weights)
         )
         self._min_losses_arg = min_losses
         self.num_losses: int | None = checked_min_losses(min_losses)
@@ -323,6 +334,7 @@ class Balancer:
         accumulate: bool = False,
         retain_graph: bool = False,
         grad_scaler: torch.amp.GradScaler | None = None,
+        representation: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Computes π for ``losses`` and adds the balanced gradient into ``.grad`` of ``params``.
 
@@ -348,13 +360,20 @@ class Balancer:
                 ``scaler.step``) while π and the statistics use the unscaled values. Non-finite
                 gradients then do not raise: they reach ``.grad`` so that ``scaler.step`` skips
                 the step, and the balancing state stays as it was.
+            representation: representation mode only, and required there: the tensor(s) of the
+                forward pass that the losses share — for distillation the student's outputs or
+                features that both losses read, ``(batch, …)`` activations with their graph —
+                with respect to which the Gram matrix is computed.
 
         Parameters that a loss does not reach count as zero for that loss; parameters that no loss
         reaches keep ``.grad`` as it was. Afterwards :attr:`weights` holds π (float64, ``(k,)``)
         and :attr:`stats` the gradient diagnostics.
         """
-        step = self._checked_step(losses, params, accumulate, grad_scaler)
-        if self._mode.per_task:
+        shared = as_representation(representation, self.mode)
+        step = self._checked_step(losses, params, accumulate, grad_scaler, shared)
+        if shared is not None:
+            self._representation_backward(step, shared, retain_graph)
+        elif self._mode.per_task:
             eligible = self._window is None and _single(step) and not step.layout.sharded
             calls = self.backward_calls
             vectorized, measured = self._per_task.plan(
@@ -395,14 +414,15 @@ class Balancer:
         params: ParamsLike,
         accumulate: bool,
         grad_scaler: torch.amp.GradScaler | None,
+        representation: list[torch.Tensor] | None = None,
     ) -> _Step:
         names, items = self._in_known_order(*as_losses(losses))
         owned, balanced = trainable(params)
         roles = [Role.BALANCED if flag else Role.PLAIN for flag in balanced]
         if not self._mode.per_task and Role.PLAIN in roles:
             raise ValueError(
-                "'balance': False is for the exact and affine modes: amortized mode computes no "
-                "per-task gradients, so there is nothing to leave out"
+                f"'balance': False is for the exact and affine modes: {self.mode} mode computes "
+                f"no per-task gradients of the parameters, so there is nothing to leave out"
             )
         if Role.BALANCED not in roles:
             raise ValueError("every param group has 'balance': False; nothing to balance")
@@ -423,6 +443,8 @@ class Balancer:
             reaches = layout.any_rank(torch.tensor(reaches, device=stacked.device)).tolist()
         if not all(reaches):
             raise ValueError(describe_unreached(reaches, names))
+        if representation is not None:
+            _check_shared(items, representation, names)
         values = layout.average(stacked.detach().to(torch.float64, copy=True))
         scale = None
         if grad_scaler is not None and grad_scaler.is_enabled():
@@ -606,9 +628,51 @@ class Balancer:
         coefficients = loss_coefficients(
             weights, step.values - step.min_losses + FAMO_EPSILON, normalize=self.normalize
         )
+        gram = self._amortized_statistics(step)
+        if self._weighted_backward(step, window, coefficients, retain_graph):
+            mode.commit(famo, window.mean)
+            self._commit(step, weights, gram)
+
+    # -- representation mode ---------------------------------------------------------------------
+
+    def _representation_backward(
+        self, step: _Step, representation: list[torch.Tensor], retain_graph: bool
+    ) -> None:
+        """π from the Gram matrix of the log-loss gradients with respect to the representation
+        (Sener & Koltun's MGDA upper bound), then one backward of the π-weighted sum."""
+        window = self._opened(step)
+        shifted = step.values - step.min_losses
+        rho = exact.row_scale(shifted, step.scale)
+        local_rho = rho.to(step.losses.dtype)
+        if self._per_task.choice is False:
+            blocks = engine.task_gradients(
+                step.losses, local_rho, representation, vectorize=False, retain_graph=True
+            )
+        else:
+            blocks = self._vmapped_task_gradients(
+                step.losses, local_rho, representation, retain_graph=True
+            )
+        engine.require_dense(blocks, lambda i: f"representation tensor {i}")
+        rows = step.layout.batch_gram(engine.gram_matrix(blocks))
+        gram = exact.log_loss_gram(rows, rho, shifted)
+        # No host synchronisation: a non-finite G comes with non-finite gradients, refused below.
+        solvable = torch.where(
+            gram.isfinite().all(), gram, torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        )
+        weights = self._mode.weights(solvable)
+        coefficients = loss_coefficients(weights, shifted, normalize=self.normalize)
+        if self._weighted_backward(step, window, coefficients, retain_graph):
+            self._commit(step, weights, gram)
+
+    # -- one weighted backward (amortized and representation modes) ------------------------------
+
+    def _weighted_backward(
+        self, step: _Step, window: _Window, coefficients: torch.Tensor, retain_graph: bool
+    ) -> bool:
+        """Adds the gradient of ``Σ_i c_i L_i`` into ``.grad`` (through the micro-batch window)
+        by one backward; whether a complete window with finite gradients was written."""
         if step.scale is not None:
             coefficients = coefficients * step.scale
-        gram = self._amortized_statistics(step)
         grads = engine.weighted_gradient(
             step.losses,
             coefficients,
@@ -622,7 +686,7 @@ class Balancer:
             flat = self._flat_gradients(step, 1)
             blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
             if not self._gather(step, window, flat, blocks):
-                return
+                return False
             finite = step.layout.all_ranks(engine.all_finite(flat.task_buffers))
             finite = self._check(
                 window.mean,
@@ -643,9 +707,7 @@ class Balancer:
             )
             written = engine.accumulate_grads(step.tensors, grads)
         engine.run_post_accumulate_grad_hooks(written)
-        if finite:
-            mode.commit(famo, window.mean)
-            self._commit(step, weights, gram)
+        return finite
 
     def _amortized_statistics(self, step: _Step) -> torch.Tensor | None:
         """The Gram matrix of the log-loss gradients on every ``stats_every``-th call, else None.
@@ -821,6 +883,17 @@ def _as_values(losses: LossesLike) -> tuple[tuple[str, ...] | None, list[torch.T
     if isinstance(losses, torch.Tensor):
         return None, list(losses.reshape(-1).unbind())
     return None, [torch.as_tensor(v) for v in losses]
+
+
+def _check_shared(
+    losses: list[torch.Tensor], representation: list[torch.Tensor], names: tuple[str, ...] | None
+) -> None:
+    """Refuses losses whose graph does not pass through the representation."""
+    leaves = {id(t) for t in representation if t.grad_fn is None}
+    nodes = frozenset(t.grad_fn for t in representation if t.grad_fn is not None)
+    shared = [engine.reaches(loss, leaves, nodes) for loss in losses]
+    if not all(shared):
+        raise ValueError(describe_unshared(shared, names))
 
 
 def _single(step: _Step) -> bool:

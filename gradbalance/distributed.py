@@ -112,6 +112,15 @@ class Layout:
         if not self.sharded:
             self.average(buffer)
 
+    def batch_gram(self, gram: torch.Tensor) -> torch.Tensor:
+        """The Gram matrix of gradients with respect to activations of the global batch, from
+        each rank's of its own: ``Σ_r G_r / W²`` (rank r's activations enter the global mean loss
+        with weight 1/W). One process: ``gram`` itself."""
+        if self.group is not None:
+            dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=self.group)
+            gram.div_(dist.get_world_size(self.group) ** 2)
+        return gram
+
     def global_gram(self, gram: torch.Tensor) -> torch.Tensor:
         """Sharded layout: the sum over ranks of their partial Gram matrices. Replicated: each
         rank's Gram already is the global one."""

@@ -95,11 +95,13 @@ def graph_leaves(outputs: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
-def reaches(output: torch.Tensor, tensors: set[int]) -> bool:
+def reaches(output: torch.Tensor, leaves: set[int], nodes: frozenset = frozenset()) -> bool:
     """Whether the autograd graph of ``output`` reaches one of the leaves whose ``id`` is in
-    ``tensors`` (the search stops at the first)."""
+    ``leaves``, or one of the autograd ``nodes`` (the ``grad_fn`` of non-leaf tensors); the
+    search stops at the first."""
     return any(
-        type(node).__name__ == _LEAF and id(node.variable) in tensors for node in _nodes(output)
+        node in nodes or (type(node).__name__ == _LEAF and id(node.variable) in leaves)
+        for node in _nodes(output)
     )
 
 

@@ -178,6 +178,7 @@ class MultiObjectiveOptimizer(Optimizer):
         accumulate: bool = False,
         retain_graph: bool = False,
         grad_scaler: torch.amp.GradScaler | None = None,
+        representation: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> None:
         """:meth:`gradbalance.Balancer.backward` of ``losses`` on this optimizer's param groups:
         instead of ``loss.backward()``."""
@@ -187,6 +188,7 @@ class MultiObjectiveOptimizer(Optimizer):
             accumulate=accumulate,
             retain_graph=retain_graph,
             grad_scaler=grad_scaler,
+            representation=representation,
         )
 
     def update_weights(self, losses: LossesLike) -> None:
