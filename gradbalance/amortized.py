@@ -78,7 +78,7 @@ class FamoState:
     grad: torch.Tensor
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    step: int = 0
+    step: int | torch.Tensor = 0  # a float64 0-d tensor once selected on the device
 
     @classmethod
     def initial(cls, num_tasks: int, device: torch.device, dtype: torch.dtype) -> FamoState:
@@ -97,9 +97,20 @@ class FamoState:
         tensors = {name: getattr(self, name).to(device, dtype) for name in _TENSORS}
         return replace(self, **tensors)
 
+    def where(self, ok: torch.Tensor, other: FamoState) -> FamoState:
+        """This state where the 0-d bool ``ok`` holds, else ``other``, on the device (the step
+        count becomes a float64 tensor: no host synchronisation)."""
+        tensors = {
+            name: torch.where(ok, getattr(self, name), getattr(other, name).to(getattr(self, name)))
+            for name in _TENSORS
+        }
+        new, old = (_step_on(state.step, ok.device) for state in (self, other))
+        return replace(self, **tensors, step=torch.where(ok, new, old))
+
     def state_dict(self) -> dict[str, Any]:
         """Plain Python numbers (float64 holds float32 and float16 values exactly)."""
-        return {**{name: getattr(self, name).tolist() for name in _TENSORS}, "step": self.step}
+        state = {name: getattr(self, name).tolist() for name in _TENSORS}
+        return {**state, "step": int(self.step)}
 
     @staticmethod
     def empty_state_dict() -> dict[str, Any]:
@@ -114,6 +125,13 @@ class FamoState:
 
 
 _TENSORS = ("logits", "grad", "exp_avg", "exp_avg_sq")
+
+
+def _step_on(step: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The step count as a float64 0-d tensor on ``device``, made there (no copy from the host)."""
+    if isinstance(step, torch.Tensor):
+        return step.to(device, torch.float64)
+    return torch.full((), step, dtype=torch.float64, device=device)
 
 
 def famo_update(
@@ -142,6 +160,8 @@ def famo_update(
     step = state.step + 1
     exp_avg = torch.lerp(state.exp_avg, update_grad, 1 - beta1)
     exp_avg_sq = beta2 * state.exp_avg_sq + (1 - beta2) * update_grad.square()
-    denominator = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + hyper.eps
+    bias = 1 - beta2**step
+    root = math.sqrt(bias) if isinstance(bias, float) else bias.sqrt()  # a tensor on the device
+    denominator = exp_avg_sq.sqrt() / root + hyper.eps
     logits = logits - (hyper.lr / (1 - beta1**step)) * (exp_avg / denominator)
     return FamoState(logits, grad, exp_avg, exp_avg_sq, step)

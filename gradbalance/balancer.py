@@ -34,8 +34,6 @@ from ._inputs import (
     as_min_losses,
     as_representation,
     checked_min_losses,
-    describe_invalid_losses,
-    describe_nonfinite,
     describe_unreached,
     describe_unshared,
     trainable,
@@ -43,6 +41,7 @@ from ._inputs import (
 from .amortized import FAMO_EPSILON, FamoHyperparameters, FamoState, PiOptimizer, famo_update
 from .diagnostics import gradient_statistics
 from .engine import Role
+from .guard import DeviceGuard, Guard, Ok, SyncGuard, both, losses_valid, poisoned, select
 from .strategy import PerTaskBackward
 from .weighting import affine_weights, loss_coefficients, min_norm_weights
 
@@ -110,8 +109,15 @@ class FamoMode:
         previous = self.previous_losses.to(current.device)
         return famo_update(famo, previous, current, min_losses, self.hyper)
 
-    def commit(self, famo: FamoState, losses: torch.Tensor | None) -> None:
-        self.famo, self.previous_losses = famo, losses
+    def commit(self, famo: FamoState, losses: torch.Tensor | None, ok: Ok) -> None:
+        """Keeps the new state where the verdict ``ok`` holds."""
+        if ok is False:
+            return
+        if ok is not True and self.famo is not None:
+            famo = famo.where(ok, self.famo)
+        previous = self.previous_losses
+        self.famo = famo
+        self.previous_losses = losses if losses is None else select(ok, losses, previous)
 
     def state_dict(self) -> dict[str, Any]:
         famo = self.famo
@@ -135,9 +141,10 @@ class _Window:
     loss_sum: torch.Tensor  # (k,) float64, averaged over ranks
     count: int
     rho: torch.Tensor | None  # (k,) float64; None in amortized mode
+    ok: Ok = True  # the verdict on the micro-batches held (guard="device": on the device)
 
     def add(self, values: torch.Tensor) -> _Window:
-        return _Window(self.loss_sum + values, self.count + 1, self.rho)
+        return _Window(self.loss_sum + values, self.count + 1, self.rho, self.ok)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -267,6 +274,7 @@ class Balancer:
         pi_optimizer: PiOptimizer = "adamw",
         stats_every: int = 0,
         vectorize: bool | None = None,
+        guard: Guard = "sync",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
@@ -275,6 +283,9 @@ class Balancer:
             raise ValueError("normalize=True needs non-negative weights; affine mode has none")
         if stats_every < 0:
             raise ValueError(f"stats_every must be ≥ 0, got {stats_every}")
+        if guard not in ("sync", "device"):
+            raise ValueError(f"guard must be 'sync' or 'device', got {guard!r}")
+        self._guard: SyncGuard | DeviceGuard = SyncGuard() if guard == "sync" else DeviceGuard()
         hyper = FamoHyperparameters(pi_lr, pi_weight_decay, pi_optimizer)
         self.normalize = normalize
         self.stats_every = stats_every
@@ -314,6 +325,29 @@ class Balancer:
             return {}
         names = self.loss_names or tuple(str(i) for i in range(len(self.weights)))
         return dict(zip(names, self.weights.unbind(), strict=True))
+
+    @property
+    def guard(self) -> Guard:
+        return self._guard.name
+
+    @property
+    def found_inf(self) -> torch.Tensor | None:
+        """guard="device": 1.0 (float32, on the device) when the last balanced backward was
+        refused and its step must be skipped — what a fused optimizer's ``found_inf`` takes, as
+        ``GradScaler`` hands it over; else 0.0. None with guard="sync", which raises instead."""
+        return self._guard.found_inf
+
+    @property
+    def refused_steps(self) -> torch.Tensor | None:
+        """guard="device": the balanced backward calls refused since the last
+        :meth:`raise_deferred` (0-d int64 on the device; None before the first)."""
+        return getattr(self._guard, "refused_steps", None)
+
+    def raise_deferred(self) -> None:
+        """guard="device": raises the ValueError of the last refused step, if a step was refused
+        since the last call (one host synchronisation). :meth:`state_dict` calls it, since it
+        synchronises anyway. guard="sync" raises at once and defers nothing."""
+        self._guard.raise_deferred()
 
     @property
     def pending_micro_batches(self) -> int:
@@ -403,8 +437,9 @@ class Balancer:
         values = distributed.Layout(distributed.default_group(), False).average(
             values.to(min_losses.device)
         )
-        self._check(values, min_losses, torch.tensor(True), names)
-        self._mode.commit(self._mode.advanced(famo, values, min_losses), None)
+        ok = self._guard.check(values, min_losses, values.isfinite().all(), names)
+        self._guard.conclude(ok)
+        self._mode.commit(self._mode.advanced(famo, values, min_losses), None, ok)
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -508,14 +543,16 @@ class Balancer:
         step, flat, blocks = self._per_task_gradients(step, rho, retain_graph, vectorized)
         if blocks is not None and self._window is None and _single(step):
             flat.mark_reached(blocks)  # one batch, one process: the blocks need no (k, n) copy
-        elif self._gather(step, window, flat, blocks):
-            blocks = None  # in the task buffers now
+            held: Ok | None = True
         else:
+            held = self._gather(step, window, flat, blocks)
+            blocks = None  # in the task buffers now
+        if held is None:
             return
         shifted = window.mean - step.min_losses
         rho64 = rho.to(torch.float64)
         gram = exact.log_loss_gram(step.layout.global_gram(flat.gram(blocks)), rho64, shifted)
-        finite = self._check(
+        ok = self._guard.check(
             window.mean,
             step.min_losses,
             gram.isfinite().all(),
@@ -523,11 +560,13 @@ class Balancer:
             culprits=lambda: flat.nonfinite_rows(blocks),
             allow_nonfinite=step.scaled,
         )
-        # Overflowed under a grad scaler: any finite π; .grad is non-finite and the step skipped.
-        weights = self._mode.weights(gram) if finite else torch.full_like(shifted, 1 / len(gram))
+        ok = both(ok, held)
+        self._guard.conclude(ok)
+        weights = self._weights(gram, ok)
         coefficients = exact.row_coefficients(
             weights, rho64, shifted, step.scale, normalize=self.normalize
         )
+        coefficients = poisoned(coefficients, ok)
         plain = exact.row_coefficients(
             torch.ones_like(weights), rho64, shifted, step.scale, normalize=self.normalize
         )
@@ -535,8 +574,15 @@ class Balancer:
             {Role.BALANCED: coefficients, Role.OUTSIDE: coefficients, Role.PLAIN: plain}, blocks
         )
         engine.run_post_accumulate_grad_hooks(written)
-        if finite:
-            self._commit(step, weights, gram)
+        self._commit(step, weights, gram, ok)
+
+    def _weights(self, gram: torch.Tensor, ok: Ok) -> torch.Tensor:
+        """π of the Gram matrix where the verdict holds; uniform where it does not (overflowed
+        under a grad scaler: any finite π, the step is skipped)."""
+        uniform = torch.full((len(gram),), 1 / len(gram), dtype=torch.float64, device=gram.device)
+        if isinstance(ok, bool):
+            return self._mode.weights(gram) if ok else uniform
+        return torch.where(ok, self._mode.weights(_solvable(gram)), uniform)
 
     def _opened(self, step: _Step) -> _Window:
         """The window with this micro-batch; opening one fixes the rows' scale ρ."""
@@ -629,9 +675,10 @@ class Balancer:
             weights, step.values - step.min_losses + FAMO_EPSILON, normalize=self.normalize
         )
         gram = self._amortized_statistics(step)
-        if self._weighted_backward(step, window, coefficients, retain_graph):
-            mode.commit(famo, window.mean)
-            self._commit(step, weights, gram)
+        ok = self._weighted_backward(step, window, coefficients, retain_graph)
+        if ok is not None:
+            mode.commit(famo, window.mean, ok)
+            self._commit(step, weights, gram, ok)
 
     # -- representation mode ---------------------------------------------------------------------
 
@@ -656,23 +703,25 @@ class Balancer:
         rows = step.layout.batch_gram(engine.gram_matrix(blocks))
         gram = exact.log_loss_gram(rows, rho, shifted)
         # No host synchronisation: a non-finite G comes with non-finite gradients, refused below.
-        solvable = torch.where(
-            gram.isfinite().all(), gram, torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-        )
-        weights = self._mode.weights(solvable)
+        weights = self._mode.weights(_solvable(gram))
         coefficients = loss_coefficients(weights, shifted, normalize=self.normalize)
-        if self._weighted_backward(step, window, coefficients, retain_graph):
-            self._commit(step, weights, gram)
+        ok = self._weighted_backward(step, window, coefficients, retain_graph)
+        if ok is not None:
+            self._commit(step, weights, gram, ok)
 
     # -- one weighted backward (amortized and representation modes) ------------------------------
 
     def _weighted_backward(
         self, step: _Step, window: _Window, coefficients: torch.Tensor, retain_graph: bool
-    ) -> bool:
+    ) -> Ok | None:
         """Adds the gradient of ``Σ_i c_i L_i`` into ``.grad`` (through the micro-batch window)
-        by one backward; whether a complete window with finite gradients was written."""
+        by one backward. Returns the verdict on the step, or None while micro-batches are held.
+        """
         if step.scale is not None:
             coefficients = coefficients * step.scale
+        if isinstance(self._guard, DeviceGuard):  # refused losses: a non-finite .grad
+            values, bounds = _checked_values(step, window)
+            coefficients = poisoned(coefficients, losses_valid(values, bounds))
         grads = engine.weighted_gradient(
             step.losses,
             coefficients,
@@ -685,20 +734,22 @@ class Balancer:
         if step.accumulate or self._window is not None or step.layout.group is not None:
             flat = self._flat_gradients(step, 1)
             blocks = [None if grad is None else distributed.local(grad)[None] for grad in grads]
-            if not self._gather(step, window, flat, blocks):
-                return False
+            held = self._gather(step, window, flat, blocks)
+            if held is None:
+                return None
             finite = step.layout.all_ranks(engine.all_finite(flat.task_buffers))
-            finite = self._check(
+            ok = self._guard.check(
                 window.mean,
                 step.min_losses,
                 finite,
                 step.names,
                 allow_nonfinite=step.scaled,
             )
+            ok = both(ok, held)
             one = torch.ones(1, dtype=torch.float64, device=step.values.device)
             written = flat.write_grad(dict.fromkeys(Role, one))
         else:  # one batch, one process: straight into .grad
-            finite = self._check(
+            ok = self._guard.check(
                 step.values,
                 step.min_losses,
                 engine.all_finite(grads),
@@ -707,7 +758,8 @@ class Balancer:
             )
             written = engine.accumulate_grads(step.tensors, grads)
         engine.run_post_accumulate_grad_hooks(written)
-        return finite
+        self._guard.conclude(ok)
+        return ok
 
     def _amortized_statistics(self, step: _Step) -> torch.Tensor | None:
         """The Gram matrix of the log-loss gradients on every ``stats_every``-th call, else None.
@@ -749,65 +801,45 @@ class Balancer:
         window: _Window,
         flat: engine.FlatGradients,
         blocks: engine.Blocks | None,
-    ) -> bool:
+    ) -> Ok | None:
         """Adds this micro-batch's blocks to ``flat`` (``None``: they are in its buffers
-        already, no micro-batch being held); ``window`` is the accumulation window with
-        it. Returns whether the window is complete — ``flat`` then holds its means over
-        micro-batches and ranks — or False while micro-batches are held.
+        already, no micro-batch being held); ``window`` is the accumulation window with it.
+        Returns None while micro-batches are held; when the window is complete — ``flat`` then
+        holds its means over micro-batches and ranks — the verdict on its micro-batches.
 
-        A micro-batch that joins or opens a window is checked first (one host synchronisation),
-        so that a bad one cannot spoil those held: its losses and gradients must be finite, and
-        on the last micro-batch the mean losses must be above their bounds.
+        A micro-batch that joins or opens a window is checked first, so that a bad one cannot
+        spoil those held: its losses and gradients must be finite, and on the last micro-batch
+        the mean losses must be above their bounds (guard="sync": one host synchronisation,
+        and a ValueError; guard="device": the window's verdict turns false).
         """
         if step.accumulate or self._window is not None:
             held = flat.task_buffers if blocks is None else blocks
             finite = step.layout.all_ranks(engine.all_finite(held))  # every rank: one branch
-            if step.accumulate:
-                values, bounds = step.values, torch.full_like(step.values, -torch.inf)
-            else:
-                values, bounds = window.mean, step.min_losses
-            self._check(values, bounds, finite, step.names, allow_nonfinite=step.scaled)
+            values, bounds = _checked_values(step, window)
+            ok = self._guard.check(values, bounds, finite, step.names, allow_nonfinite=step.scaled)
+            window = replace(window, ok=both(window.ok, ok))
         if blocks is not None:
             flat.store(blocks, accumulate=self._window is not None)
         if step.accumulate:
             self._window = window
-            return False
+            return None
         self._window = None  # the micro-batches are consumed from here on
         _average(flat, window.count, step.layout)
-        return True
+        return window.ok
 
-    def _check(
-        self,
-        values: torch.Tensor,
-        bounds: torch.Tensor,
-        gradients_finite: torch.Tensor,
-        names: tuple[str, ...] | None,
-        *,
-        culprits: Callable[[], list[bool]] | None = None,
-        allow_nonfinite: bool = False,
-    ) -> bool:
-        """Whether the gradients are finite; raises on invalid losses, and on non-finite
-        gradients unless ``allow_nonfinite``. One host synchronisation; messages are built only
-        on failure (``culprits()``: which losses' rows hold the non-finite gradients)."""
-        losses_valid = (values.isfinite() & (values > bounds)).all()
-        checks = torch.stack([losses_valid, gradients_finite.to(losses_valid.device)]).tolist()
-        if all(checks):
-            return True
-        message = describe_invalid_losses(values, bounds, names)
-        if message is not None:
-            raise ValueError(message)
-        if allow_nonfinite:
-            return False
-        raise ValueError(describe_nonfinite(None if culprits is None else culprits(), names))
-
-    def _commit(self, step: _Step, weights: torch.Tensor, gram: torch.Tensor | None) -> None:
-        """Keeps what a successful backward computed."""
+    def _commit(
+        self, step: _Step, weights: torch.Tensor, gram: torch.Tensor | None, ok: Ok
+    ) -> None:
+        """Keeps what a backward computed, where the verdict holds (on the device: the last
+        state is kept where it does not; the call is counted either way)."""
+        if ok is False:
+            return
         self.num_losses = len(weights)
         self.loss_names = step.names
         self.backward_calls += 1
-        self.weights = weights
-        self._gram = gram
-        self.stats = _statistics(weights, gram)
+        self.weights = select(ok, weights, self.weights)
+        self._gram = gram if gram is None else select(ok, gram, self._gram)
+        self.stats = _statistics(self.weights, self._gram)
 
     # -- state dict and pickling -----------------------------------------------------------------
 
@@ -818,7 +850,11 @@ class Balancer:
 
         Its structure does not depend on the progress of the run, so that
         ``torch.distributed.checkpoint`` can load a saved one into a fresh one.
+
+        Raises:
+            ValueError: guard="device" refused a step since the last :meth:`raise_deferred`.
         """
+        self.raise_deferred()
         return {
             "version": _STATE_VERSION,
             "mode": self.mode,
@@ -894,6 +930,21 @@ def _check_shared(
     shared = [engine.reaches(loss, leaves, nodes) for loss in losses]
     if not all(shared):
         raise ValueError(describe_unshared(shared, names))
+
+
+def _checked_values(step: _Step, window: _Window) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss values a micro-batch is checked on, and their bounds: a micro-batch that is not
+    the last must be finite; the last, the window's mean above the bounds."""
+    if step.accumulate:
+        return step.values, torch.full_like(step.values, -torch.inf)
+    return window.mean, step.min_losses
+
+
+def _solvable(gram: torch.Tensor) -> torch.Tensor:
+    """``gram``, or the identity when it is not finite (a step that is refused anyway), so that
+    the solver can run without a host synchronisation."""
+    identity = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return torch.where(gram.isfinite().all(), gram, identity)
 
 
 def _single(step: _Step) -> bool:

@@ -23,6 +23,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 from ._inputs import LossesLike
 from .amortized import PiOptimizer
 from .balancer import Balancer, Mode
+from .guard import Guard
 
 __all__ = ["MultiObjectiveOptimizer"]
 
@@ -70,6 +71,11 @@ class MultiObjectiveOptimizer(Optimizer):
         pi_optimizer: the Balancer's (amortized mode).
         stats_every: the Balancer's (amortized mode).
         vectorize: the Balancer's.
+        guard: what a refused step does (the Balancer's): ``"sync"`` raises at once, at the cost
+            of one host synchronisation per backward; ``"device"`` skips it on the device and
+            raises later (:meth:`gradbalance.Balancer.raise_deferred`). Default: ``"device"``
+            where the parameters are on CUDA and the base takes ``found_inf`` (torch's fused
+            Adam, AdamW, SGD, Adagrad: the default base is fused), else ``"sync"``.
         **base_kwargs: passed to ``base`` (``lr``, ``weight_decay``, ``betas``, ``fused``, …).
 
     Example::
@@ -96,8 +102,10 @@ class MultiObjectiveOptimizer(Optimizer):
         pi_optimizer: PiOptimizer = "adamw",
         stats_every: int = 0,
         vectorize: bool | None = None,
+        guard: Guard | None = None,
         **base_kwargs: Any,
     ) -> None:
+        self.base, self._implicitly_fused = _build_base(params, base, base_kwargs)
         self.balancer = Balancer(
             mode,
             min_losses=min_losses,
@@ -107,8 +115,8 @@ class MultiObjectiveOptimizer(Optimizer):
             pi_optimizer=pi_optimizer,
             stats_every=stats_every,
             vectorize=vectorize,
+            guard=_default_guard(self.base) if guard is None else guard,
         )
-        self.base, self._implicitly_fused = _build_base(params, base, base_kwargs)
         self.param_groups[0][STATE_KEY] = self.balancer.state_dict()
         # torch.optim.Optimizer's own bookkeeping (hook registries, the profiled step), as its
         # __setstate__ rebuilds it; Optimizer.__init__ would also reset param_groups and state,
@@ -234,7 +242,30 @@ class MultiObjectiveOptimizer(Optimizer):
                 f"but never balanced: call backward(losses) without accumulate=True on the last "
                 f"micro-batch before step()"
             )
-        return self.base.step(closure)
+        if self.balancer.guard == "sync":
+            return self.base.step(closure)
+        loss = None
+        if closure is not None:  # its backward gives the verdict the step needs
+            with torch.enable_grad():
+                loss = closure()
+        self._step_unless_refused()
+        return loss
+
+    def _step_unless_refused(self) -> None:
+        """The base's step, skipped where the last balanced backward was refused (guard="device"):
+        on the device by a fused base's ``found_inf``, as ``GradScaler`` skips a step; else by
+        reading the verdict (one host synchronisation)."""
+        found_inf = self.balancer.found_inf
+        if found_inf is None:
+            self.base.step()
+        elif getattr(self.base, "_step_supports_amp_scaling", False):
+            self.base.grad_scale, self.base.found_inf = None, found_inf
+            try:
+                self.base.step()
+            finally:
+                del self.base.grad_scale, self.base.found_inf
+        elif not found_inf.item():
+            self.base.step()
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``Optimizer.state_dict`` of the base's groups and state (hooks included), with
@@ -268,6 +299,13 @@ class MultiObjectiveOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, base={self.base!r})"
+
+
+def _default_guard(base: Optimizer) -> Guard:
+    """ "device" where it costs nothing: CUDA parameters and a base that skips on the device."""
+    tensors = [p for group in base.param_groups for p in group["params"]]
+    on_cuda = bool(tensors) and all(p.device.type == "cuda" for p in tensors)
+    return "device" if on_cuda and getattr(base, "_step_supports_amp_scaling", False) else "sync"
 
 
 def _build_base(

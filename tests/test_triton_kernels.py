@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from helpers import TeacherStudentProblem
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -131,6 +131,7 @@ def test_gram_other_dtypes_match_float64_of_the_same_values(k, n, dtype):
 def test_gram_any_shape_dtype_scale_and_row_stride(k, n, dtype, row_padding, exponent, seed):
     wide = gradients(k, n + row_padding, torch.float64, seed) * 2.0**exponent
     flat = wide.to(dtype)[:, :n]  # a row stride of n + row_padding, read in place
+    assume(flat.isfinite().all())  # float16 overflows at 2^10 · 15 σ: no gradient to balance
     assert_gram_close(triton_backend.gram(flat), flat, GRAM_RTOL[dtype])
 
 

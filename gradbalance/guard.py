@@ -1,0 +1,180 @@
+"""What a balanced backward does with a step it must refuse: raise at once, or skip it on device.
+
+Every backward checks that the losses are finite and above their bounds and that the gradients are
+finite. Reading that verdict on the host costs a synchronisation, which on CUDA stalls the
+pipeline and rules out CUDA graphs. Two guards, one interface:
+
+* :class:`SyncGuard` (``guard="sync"``) reads the verdict at once (one synchronisation) and
+  raises a ValueError naming the loss, before anything changes.
+* :class:`DeviceGuard` (``guard="device"``) keeps the verdict on the device as a 0-d bool. The
+  balancing state is kept only where it is true (``torch.where``), the coefficients of a refused
+  step are NaN so that its ``.grad`` is non-finite, and :attr:`DeviceGuard.found_inf` tells a
+  fused optimizer to skip the step on the device, as ``GradScaler`` does. The error is raised
+  later, by :meth:`DeviceGuard.raise_deferred`, at a point that synchronises anyway.
+
+A verdict is an :data:`Ok`: a Python bool (known on the host) or a 0-d bool tensor (on the device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+from ._inputs import describe_invalid_losses, describe_nonfinite
+
+__all__ = [
+    "DeviceGuard",
+    "Guard",
+    "Ok",
+    "SyncGuard",
+    "both",
+    "losses_valid",
+    "poisoned",
+    "select",
+]
+
+Guard = Literal["sync", "device"]
+Ok = bool | torch.Tensor
+
+
+def losses_valid(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """0-d bool: every loss finite and above its bound."""
+    return (values.isfinite() & (values > bounds)).all()
+
+
+class SyncGuard:
+    """Reads each verdict on the host (one synchronisation) and raises on a refused step."""
+
+    name = "sync"
+    found_inf = None
+
+    def check(
+        self,
+        values: torch.Tensor,
+        bounds: torch.Tensor,
+        gradients_finite: torch.Tensor,
+        names: Sequence[str] | None,
+        *,
+        culprits: Callable[[], list[bool]] | None = None,
+        allow_nonfinite: bool = False,
+    ) -> bool:
+        """Whether the gradients are finite; raises on invalid losses, and on non-finite
+        gradients unless ``allow_nonfinite``. Messages are built only on failure
+        (``culprits()``: which losses' rows hold the non-finite gradients)."""
+        valid = losses_valid(values, bounds)
+        checks = torch.stack([valid, gradients_finite.to(valid.device)]).tolist()
+        if all(checks):
+            return True
+        message = describe_invalid_losses(values, bounds, names)
+        if message is not None:
+            raise ValueError(message)
+        if allow_nonfinite:
+            return False
+        raise ValueError(describe_nonfinite(None if culprits is None else culprits(), names))
+
+    def conclude(self, ok: Ok) -> None:
+        """Nothing to record: a refused step has raised."""
+
+    def raise_deferred(self) -> None:
+        """Nothing is ever deferred."""
+
+
+class DeviceGuard:
+    """Keeps each verdict on the device; counts the refused steps and remembers the last one's
+    losses, to raise its error in :meth:`raise_deferred`."""
+
+    name = "device"
+
+    def __init__(self) -> None:
+        self.found_inf: torch.Tensor | None = None  # 1.0: the last balanced step must not be taken
+        self._refused: torch.Tensor | None = None  # refused steps since the last raise_deferred
+        self._last: tuple | None = None  # the values and bounds of the last refused check
+        self._names: Sequence[str] | None = None
+        self._error: torch.Tensor | None = None  # a check of the step under way refused it
+
+    def check(
+        self,
+        values: torch.Tensor,
+        bounds: torch.Tensor,
+        gradients_finite: torch.Tensor,
+        names: Sequence[str] | None,
+        *,
+        culprits: Callable[[], list[bool]] | None = None,
+        allow_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """0-d bool on the device: the losses are valid and the gradients finite. No host
+        synchronisation. A refusal that :class:`SyncGuard` would raise for is remembered for
+        :meth:`conclude` (non-finite gradients are not, under ``allow_nonfinite``: a grad
+        scaler's step skips them)."""
+        valid = losses_valid(values, bounds)
+        ok = valid & gradients_finite.to(valid.device)
+        refused = ~valid if allow_nonfinite else ~ok
+        self._names = names
+        self._last = tuple(
+            select(refused, new, old)
+            for new, old in zip((values, bounds), self._last or (None, None), strict=True)
+        )
+        self._error = refused if self._error is None else self._error | refused
+        return ok
+
+    def conclude(self, ok: Ok) -> None:
+        """Ends a balanced step (a window of micro-batches is one) whose verdict is ``ok``: sets
+        :attr:`found_inf` and counts the step if one of its checks refused it."""
+        ok = torch.as_tensor(ok) if isinstance(ok, bool) else ok
+        self.found_inf = (~ok).to(torch.float32)
+        if self._error is not None:
+            count = self._error.to(torch.int64)
+            self._refused = count if self._refused is None else self._refused + count
+            self._error = None
+
+    @property
+    def refused_steps(self) -> torch.Tensor | None:
+        """How many balanced steps were refused since the last :meth:`raise_deferred` (0-d int64
+        on the device; None before the first step)."""
+        return self._refused
+
+    def raise_deferred(self) -> None:
+        """Raises the ValueError of the last refused step, if a step was refused since the last
+        call (one host synchronisation); counting starts again."""
+        if self._refused is None:
+            return
+        count = int(self._refused)
+        self._refused = torch.zeros_like(self._refused)
+        if count == 0:
+            return
+        (values, bounds), self._last = self._last, None
+        message = describe_invalid_losses(values, bounds, self._names) or describe_nonfinite(
+            None, self._names
+        )
+        raise ValueError(
+            f"{count} balanced backward call(s) were refused on the device and their steps "
+            f"skipped (guard='device'); the last: {message}"
+        )
+
+
+def both(first: Ok, second: Ok) -> Ok:
+    """The verdict of two checks together."""
+    if first is False or second is False:
+        return False
+    if first is True:
+        return second
+    return first if second is True else first & second
+
+
+def select(ok: Ok, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor | None:
+    """``new`` where the verdict holds, else ``old`` (``new`` when there is no ``old``)."""
+    if ok is True or old is None:
+        return new
+    if ok is False:
+        return old
+    return torch.where(ok, new, old.to(new))
+
+
+def poisoned(coefficients: torch.Tensor, ok: Ok) -> torch.Tensor:
+    """``coefficients``, made NaN where the device's verdict is false: the refused step's
+    ``.grad`` becomes non-finite, so that any found-inf check (a grad scaler's) skips it."""
+    if isinstance(ok, bool):
+        return coefficients
+    return torch.where(ok, coefficients, torch.full_like(coefficients, torch.nan))
