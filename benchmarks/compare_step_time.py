@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from ratios import interleaved_medians
+from timing import interleaved_medians
 from workloads import Batch, mlp, mlp_shape, parameter_count, plain_adamw
 
 # (label, number of losses, mlp() keyword arguments)

@@ -15,7 +15,7 @@ import argparse
 from types import SimpleNamespace
 
 import torch
-from ratios import interleaved_medians
+from timing import interleaved_medians
 from workloads import ADAMW, EXACT, Batch, workloads
 
 from gradbalance import kernels

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import resource
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from timing import interleaved_medians
 from workloads import (
     ADAMW,
     AMORTIZED,
@@ -54,26 +52,6 @@ class Sizes:
 
 FULL = Sizes({"width": 1024, "depth": 2}, (1e5, 1e6, 1e7), (2, 3, 8), 1e6, (10**5, 10**6, 10**7))
 QUICK = Sizes({"width": 64, "depth": 2}, (1e4, 3e4), (2, 3, 8), 1e4, (10**3, 10**4))
-
-
-def interleaved_medians(
-    calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
-) -> dict[str, float]:
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    order = list(calls)
-    shuffler = random.Random(0)
-    for _ in range(repeats):
-        # A fresh order every repeat: a fixed one biases a workload by where it runs (±7 % here,
-        # e.g. right after a step that evicted the caches).
-        shuffler.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def peak_rss_gib() -> float:

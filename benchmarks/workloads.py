@@ -3,7 +3,8 @@
 Every workload builds its own copy of the same MLP (same seed) and returns a no-argument callable
 that performs one full training step (forward, backward, optimizer step) on a fixed batch of k
 objectives. ``mlp_shape(n)`` gives the MLP of about ``n`` parameters used for the scaling tables;
-``gram_calls`` the kernel-level operations timed against one read of the gradients.
+``gram_calls`` the kernel-level operations timed against one read of the gradients. The
+``*_step(batch, model)`` functions build the same steps for any model (``floor.py`` uses them).
 """
 
 from __future__ import annotations
@@ -32,24 +33,36 @@ class Batch:
     """A fixed batch for k objectives: MSE to a target (distill), CE (task), then k − 2 more MSEs.
 
     The extra MSE losses pull the outputs towards other fixed random targets, drawn after the
-    first two objectives' data so that k = 2 is exactly the original two-loss batch.
+    first two objectives' data so that k = 2 is exactly the original two-loss batch. ``features``
+    is the shape of one input (an int for a vector); the data is drawn on the CPU, then moved to
+    ``device``, so every device sees the same batch.
     """
 
     def __init__(
-        self, num_losses: int = 2, features: int = FEATURES, classes: int = CLASSES, size: int = 256
+        self,
+        num_losses: int = 2,
+        features: int | tuple[int, ...] = FEATURES,
+        classes: int = CLASSES,
+        size: int = 256,
+        device: torch.device | str = "cpu",
     ) -> None:
         if num_losses < 2:
             raise ValueError(f"a multi-objective batch needs at least 2 losses, got {num_losses}")
+        shape = (features,) if isinstance(features, int) else tuple(features)
         generator = torch.Generator().manual_seed(0)
-        self.inputs = torch.randn(size, features, generator=generator)
+        self.inputs = torch.randn(size, *shape, generator=generator).to(device)
         first_target = torch.randn(size, classes, generator=generator)
-        self.labels = torch.randint(0, classes, (size,), generator=generator)
-        self.targets = [first_target] + [
-            torch.randn(size, classes, generator=generator) for _ in range(num_losses - 2)
+        self.labels = torch.randint(0, classes, (size,), generator=generator).to(device)
+        self.targets = [first_target.to(device)] + [
+            torch.randn(size, classes, generator=generator).to(device)
+            for _ in range(num_losses - 2)
         ]
 
     def losses(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        outputs = model(self.inputs)
+        return self.losses_of(model(self.inputs))
+
+    def losses_of(self, outputs: torch.Tensor) -> list[torch.Tensor]:
+        """The k losses of the model's ``outputs`` on this batch."""
         distill, *extra = (F.mse_loss(outputs, target) for target in self.targets)
         return [distill, F.cross_entropy(outputs, self.labels), *extra]
 
@@ -91,7 +104,11 @@ def mlp(
 
 def plain_adamw(batch: Batch, **model_kwargs: int) -> Step:
     """The baseline: AdamW on the summed loss (fused, as gradbalance's default base)."""
-    model = mlp(**model_kwargs)
+    return adamw_step(batch, mlp(**model_kwargs))
+
+
+def adamw_step(batch: Batch, model: torch.nn.Module) -> Step:
+    """AdamW (fused) on the summed loss of ``batch`` for any ``model``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> None:
@@ -102,9 +119,11 @@ def plain_adamw(batch: Batch, **model_kwargs: int) -> Step:
     return step
 
 
-def _gradbalance_step(
+def gradbalance_step(
     batch: Batch, model: torch.nn.Module, optimizer: MultiObjectiveOptimizer
 ) -> Step:
+    """A gradbalance step for any ``model``: zero_grad, ``optimizer.backward(losses)``, step."""
+
     def step() -> None:
         optimizer.zero_grad()
         optimizer.backward(batch.losses(model))
@@ -116,13 +135,13 @@ def _gradbalance_step(
 def gradbalance_amortized(batch: Batch, **model_kwargs: int) -> Step:
     model = mlp(**model_kwargs)
     optimizer = MultiObjectiveOptimizer(model.parameters(), mode="amortized", lr=1e-4, fused=True)
-    return _gradbalance_step(batch, model, optimizer)
+    return gradbalance_step(batch, model, optimizer)
 
 
 def gradbalance_exact(batch: Batch, **model_kwargs: int) -> Step:
     model = mlp(**model_kwargs)
     optimizer = MultiObjectiveOptimizer(model.parameters(), mode="exact", lr=1e-4, fused=True)
-    return _gradbalance_step(batch, model, optimizer)
+    return gradbalance_step(batch, model, optimizer)
 
 
 def gradbalance_exact_hidden(batch: Batch, **model_kwargs: int) -> Step:
@@ -133,15 +152,19 @@ def gradbalance_exact_hidden(batch: Batch, **model_kwargs: int) -> Step:
         {"params": model[-1].parameters(), "balance": False},
     ]
     optimizer = MultiObjectiveOptimizer(groups, mode="exact", lr=1e-4, fused=True)
-    return _gradbalance_step(batch, model, optimizer)
+    return gradbalance_step(batch, model, optimizer)
 
 
 def torchjd_mgda(batch: Batch, **model_kwargs: int) -> Step:
     """torchjd's MGDA on the same log-losses: Jacobian by autojac, aggregation, fused AdamW."""
+    return torchjd_step(batch, mlp(**model_kwargs))
+
+
+def torchjd_step(batch: Batch, model: torch.nn.Module) -> Step:
+    """torchjd's MGDA step on the log-losses of ``batch`` for any ``model``."""
     from torchjd.aggregation import MGDA
     from torchjd.autojac import backward, jac_to_grad
 
-    model = mlp(**model_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     aggregator = MGDA()
 

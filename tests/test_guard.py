@@ -168,7 +168,7 @@ def test_a_bad_micro_batch_refuses_its_window():
     backward(opt, problem, scale=(math.nan, 1.0), accumulate=True)
     backward(opt, problem)
     opt.step()
-    with pytest.raises(ValueError, match="1 balanced backward call.*loss 0 is nan"):
+    with pytest.raises(ValueError, match=r"1 balanced backward call.*loss 0 is nan"):
         opt.balancer.raise_deferred()  # one refused step: the window
     assert_same(before, frozen(problem, opt))
 
