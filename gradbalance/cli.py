@@ -139,7 +139,7 @@ def _add_distill(commands: argparse._SubParsersAction) -> None:
         choices=tuple(_NORMALIZE),
         default="auto",
         help="mokd-*: divide the direction by Σ π_j / L_j (FAMO's scaling); auto: the "
-        "optimizer's default, on for amortized, off for exact (default: %(default)s)",
+        "optimizer's default, on for amortized, off for the others (default: %(default)s)",
     )
     add("--train-size", type=_at_least(1), metavar="N", help="use the first N training examples")
     add("--test-size", type=_at_least(1), metavar="N", help="use the first N test examples")

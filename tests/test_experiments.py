@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
 from gradbalance.experiments.augment import Augmentation
+from gradbalance.experiments.config import DistillConfig
 from gradbalance.experiments.data import Splits, load_dataset
+from gradbalance.experiments.distill import run_distill
 from gradbalance.experiments.methods import (
     METHODS,
     Balanced,
@@ -19,11 +22,13 @@ from gradbalance.experiments.methods import (
     TaskObjective,
     build,
     parse_method,
+    shared_representation,
 )
 from gradbalance.experiments.models import make_student, make_teacher
 from gradbalance.experiments.report import format_table, summarize
 from gradbalance.experiments.teacher import load_or_train_teacher
 from gradbalance.experiments.training import History, TrainConfig, train
+from gradbalance.weighting import min_norm_weights
 
 SETTINGS = MethodSettings(lr=1e-3, weight_decay=0.0, temperature=2.0, stats_every=3)
 
@@ -112,16 +117,76 @@ def test_fixed_sum_steps_on_the_weighted_gradient(digits, teacher, name, log):
     assert update.log == log
     update.optimizer = torch.optim.SGD(update.optimizer.param_groups[0]["params"], lr=0.1)
     x, y = digits.x_train[:16], digits.y_train[:16]
-    losses = objectives(student(x), x, y)
+    output = student(x)
+    losses = objectives(output, x, y)
     weight = parse_method(name).distill_weight
     # log: w ∇L_d / L_d + ∇L_t / L_t
     weights = [weight / losses[0].item(), 1 / losses[1].item()] if log else [weight, 1.0]
     total = weights[0] * losses[0] + weights[1] * losses[1]
     expected = torch.autograd.grad(total, list(student.parameters()), retain_graph=True)
     before = [p.detach().clone() for p in student.parameters()]
-    assert update(losses) == {}
+    assert update(losses, output) == {}
     for old, new, grad in zip(before, student.parameters(), expected, strict=True):
         torch.testing.assert_close(new.detach(), old - 0.1 * grad)
+
+
+def test_mokd_representation_balances_at_the_features_both_losses_read(
+    digits, teacher, monkeypatch
+):
+    student = fresh_student(digits)
+    objectives, update = build(METHODS["mokd-representation"], student, teacher, SETTINGS)
+    assert isinstance(update, Balanced) and update.optimizer.mode == "representation"
+    assert not update.optimizer.normalize
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    output = student(x)
+    losses = objectives(output, x, y)
+    representation = shared_representation(output)
+    assert representation is output.features
+    # Both losses reach the features: the feature term directly, KL and CE through the head.
+    rows = []
+    for loss in losses:
+        (grad,) = torch.autograd.grad(loss.log(), representation, retain_graph=True)
+        assert grad.abs().sum() > 0
+        rows.append(grad.flatten().double())
+    jacobian = torch.stack(rows)
+    expected = min_norm_weights(jacobian @ jacobian.T)
+    passed = []
+    backward = update.optimizer.backward
+
+    def spy(losses, **kwargs):
+        passed.append(kwargs["representation"])
+        return backward(losses, **kwargs)
+
+    monkeypatch.setattr(update.optimizer, "backward", spy)
+    stats = update(losses, output)
+    assert len(passed) == 1 and passed[0] is output.features
+    torch.testing.assert_close(stats["weights"], expected, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for p in objectives.projector.parameters())
+
+
+def test_mokd_representation_trains_end_to_end(tmp_path):
+    config = DistillConfig(
+        dataset="digits",
+        methods=("mokd-representation",),
+        seeds=1,
+        epochs=4,
+        teacher_epochs=1,
+        batch_size=64,
+        train_size=192,
+        test_size=60,
+        out=tmp_path,
+        progress=False,
+    )
+    outcome = run_distill(config, "gradbalance distill --methods mokd-representation")
+    summary = outcome.results["methods"]["mokd-representation"]
+    assert len(summary["accuracies"]) == 1 and 0 <= summary["accuracy_mean"] <= 1
+    run = json.loads((tmp_path / "history.json").read_text())["mokd-representation"][0]
+    steps = run["steps"]
+    assert steps["pi_distill"]["step"] == list(range(12))  # 4 epochs of 3 batches
+    assert all(0 <= value <= 1 for value in steps["pi_distill"]["value"])
+    for name in ("loss_distill", "loss_task"):
+        values = steps[name]["value"]
+        assert sum(values[-3:]) < sum(values[:3]), name  # last epoch below the first
 
 
 class Spy:

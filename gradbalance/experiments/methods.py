@@ -6,7 +6,8 @@ Every method trains the same student with the same loop
 * the objectives: cross-entropy alone (``student``), or the paper's k = 2 grouping
   ``[L_kl + L_feat, L_ce]`` with a feature projector (:mod:`gradbalance.losses`);
 * the update: a fixed weighted sum (of the losses or of their logarithms) stepped by AdamW, or
-  :class:`gradbalance.MultiObjectiveOptimizer` around the same AdamW.
+  :class:`gradbalance.MultiObjectiveOptimizer` around the same AdamW (in representation mode with
+  the student's features, :func:`shared_representation`, as the representation).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ __all__ = [
     "TaskObjective",
     "build",
     "parse_method",
+    "shared_representation",
 ]
 
 ProjectorKind = Literal["subspace", "vkd"]
-Balance = Literal["exact", "amortized", "affine"]
+Balance = Literal["exact", "amortized", "affine", "representation"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ METHODS: dict[str, Method] = {
         Method("mokd-exact", projector="subspace", balance="exact"),
         Method("mokd-amortized", projector="subspace", balance="amortized"),
         Method("mokd-affine", projector="subspace", balance="affine"),
+        Method("mokd-representation", projector="subspace", balance="representation"),
     )
 }
 DEFAULT_METHODS = ("student", "kd-fixed", "vkd", "mokd-exact", "mokd-amortized")
@@ -149,6 +152,14 @@ class DistillObjectives:
         return losses.objectives("paper")
 
 
+def shared_representation(output: Output) -> torch.Tensor:
+    """What both objectives read: the student's features — the distillation objective through
+    the projector and the logits, the task objective through the logits, which the head computes
+    from them; representation mode's ``representation``. (Adding the logits would count the
+    head's path twice: the features' gradient already includes it.)"""
+    return output.features
+
+
 class FixedSum:
     """Backward of ``Σ_i w_i L_i`` (or ``Σ_i w_i log L_i``) and a step of a plain optimizer."""
 
@@ -159,7 +170,7 @@ class FixedSum:
         self.weights = weights
         self.log = log
 
-    def __call__(self, losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, losses: list[torch.Tensor], output: Output) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad()
         terms = [loss.log() for loss in losses] if self.log else losses
         sum(weight * term for weight, term in zip(self.weights, terms, strict=True)).backward()
@@ -168,14 +179,19 @@ class FixedSum:
 
 
 class Balanced:
-    """:meth:`MultiObjectiveOptimizer.backward` on the losses and a step; returns its stats."""
+    """:meth:`MultiObjectiveOptimizer.backward` on the losses and a step; returns its stats.
+
+    In representation mode the backward gets the student's :func:`shared_representation`.
+    """
 
     def __init__(self, optimizer: MultiObjectiveOptimizer) -> None:
         self.optimizer = optimizer
 
-    def __call__(self, losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, losses: list[torch.Tensor], output: Output) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad()
-        self.optimizer.backward(losses)
+        shared = self.optimizer.mode == "representation"
+        representation = shared_representation(output) if shared else None
+        self.optimizer.backward(losses, representation=representation)
         self.optimizer.step()
         return self.optimizer.stats
 
@@ -208,6 +224,7 @@ def build(
         mode=method.balance,
         normalize=settings.normalize,
         stats_every=stats_every,
+        vectorize=True,  # fixed, not timed: reruns reproduce results.json bit for bit
         **adamw,
     )
     return objectives, Balanced(optimizer)

@@ -43,11 +43,13 @@ class Objectives(Protocol):
 
 
 class Update(Protocol):
-    """One optimisation step from the k losses; returns the step's statistics (may be empty)."""
+    """One optimisation step from the k losses and the student output they were computed from
+    (for an update that reads it, e.g. representation mode); returns the step's statistics (may
+    be empty)."""
 
     optimizer: torch.optim.Optimizer
 
-    def __call__(self, losses: list[torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def __call__(self, losses: list[torch.Tensor], output: Output) -> dict[str, torch.Tensor]: ...
 
 
 EpochCallback = Callable[[int, float], None]
@@ -123,8 +125,9 @@ def train(
             inputs = splits.x_train[index]
             if augmentation is not None:
                 inputs = augmentation(inputs, augment_generator)
-            losses = objectives(model(inputs), inputs, splits.y_train[index])
-            stats = update(losses)
+            output = model(inputs)
+            losses = objectives(output, inputs, splits.y_train[index])
+            stats = update(losses, output)
             scheduler.step()
             _record(recorded, step_statistics(losses, stats), step)
             step += 1
