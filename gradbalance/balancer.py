@@ -409,12 +409,14 @@ class Balancer:
             self._representation_backward(step, shared, retain_graph)
         elif self._mode.per_task:
             eligible = self._window is None and _single(step) and not step.layout.sharded
-            calls = self.backward_calls
+            calls, probing = self.backward_calls, self._per_task.probing
             vectorized, measured = self._per_task.plan(
                 eligible, step.losses.device, completed=lambda: self.backward_calls > calls
             )
             with measured:
                 self._gram_backward(step, retain_graph, vectorized)
+            if probing and self._per_task.choice and self._window is None:
+                self._release_task_buffers()  # the k passes lost the measurement: rows not needed
         else:
             self._amortized_backward(step, retain_graph)
 
@@ -779,6 +781,10 @@ class Balancer:
         return exact.log_loss_gram(engine.gram_matrix(blocks), rho.to(torch.float64), shifted)
 
     # -- shared pieces ---------------------------------------------------------------------------
+
+    def _release_task_buffers(self) -> None:
+        if self._flat is not None:
+            self._flat.release_task_buffers()
 
     def _flat_gradients(self, step: _Step, num_tasks: int) -> engine.FlatGradients:
         """The flat buffers for these tensors, rebuilt only when the tensors change."""

@@ -449,6 +449,11 @@ class FlatGradients:
         ``blocks=`` argument of :meth:`gram`, :meth:`write_grad` and :meth:`nonfinite_rows`."""
         self.reached = [block is not None for block in blocks]
 
+    def release_task_buffers(self) -> None:
+        """Frees the ``(k, n)`` buffers (made again by the next :meth:`store`)."""
+        for group in self.groups:
+            group.tasks = None
+
     @property
     def task_buffers(self) -> list[torch.Tensor]:
         """The ``(k, n)`` buffers, one per group (for collectives and checks)."""

@@ -113,3 +113,12 @@ def test_one_batch_in_one_process_combines_the_vmapped_blocks_without_a_task_buf
     opt.backward(problem.losses(), accumulate=True)  # a window needs the buffer
     opt.backward(problem.losses())
     assert len(opt.balancer._flat.task_buffers) == 1
+
+
+def test_when_vmap_wins_the_probe_the_rows_of_the_k_passes_are_freed(monkeypatch):
+    problem = TeacherStudentProblem()
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), lr=0.01)
+    monkeypatch.setattr(strategy.time, "perf_counter", FakeClock(opt.balancer, slow=False))
+    steps(problem, opt, len(PROBE_SCHEDULE))
+    assert opt.balancer.vectorize is True
+    assert opt.balancer._flat.task_buffers == []
