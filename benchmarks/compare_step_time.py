@@ -53,6 +53,9 @@ def balanced_step(package: ModuleType, batch: Batch, mode: str, **model_kwargs: 
         optimizer.backward(batch.losses(model))
         optimizer.step()
 
+    # Exact mode may time its first steps to choose its per-task backward: past that, first.
+    while mode == "exact" and optimizer.balancer.vectorize is None:
+        step()
     return step
 
 

@@ -23,6 +23,9 @@ __all__ = ["PROBE_SCHEDULE", "PerTaskBackward"]
 # buffers and warm caches), then two measured steps of each, interleaved.
 PROBE_SCHEDULE = (True, False, True, False, False, True)
 _WARM_UP = 2
+# vmap is kept only when it is faster by more than this: it holds k copies of every activation
+# gradient (a convolution's can outweigh its parameters many times), the k passes one.
+VMAP_MARGIN = 0.95
 
 
 class PerTaskBackward:
@@ -31,8 +34,10 @@ class PerTaskBackward:
     Args:
         vectorize: ``True`` or ``False`` fixes the choice; ``None`` measures both on the first
             :data:`PROBE_SCHEDULE` eligible steps (single process, no accumulation window) and
-            keeps the faster by its best time. On CUDA the measured steps synchronise the device
-            (the only host synchronisations the choice costs, once per run).
+            keeps the faster by its best time — vmap only when it is faster by more than 5 %
+            (:data:`VMAP_MARGIN`), since the k passes hold less memory. On CUDA the measured
+            steps synchronise the device (the only host synchronisations the choice costs, once
+            per run).
     """
 
     def __init__(self, vectorize: bool | None) -> None:
@@ -78,7 +83,7 @@ class PerTaskBackward:
             self._best[vectorized] = min(self._best[vectorized], elapsed)
         self._probes += 1
         if self._probes == len(PROBE_SCHEDULE):
-            self.choice = self._best[True] <= self._best[False]
+            self.choice = self._best[True] < VMAP_MARGIN * self._best[False]
 
     def state_dict(self) -> dict[str, Any]:
         """The choice, or how far the measurement has got (a run resumed during it goes on
