@@ -341,7 +341,7 @@ class Balancer:
     def refused_steps(self) -> torch.Tensor | None:
         """guard="device": the balanced backward calls refused since the last
         :meth:`raise_deferred` (0-d int64 on the device; None before the first)."""
-        return getattr(self._guard, "refused_steps", None)
+        return self._guard.refused_steps
 
     def raise_deferred(self) -> None:
         """guard="device": raises the ValueError of the last refused step, if a step was refused
@@ -415,8 +415,13 @@ class Balancer:
             )
             with measured:
                 self._gram_backward(step, retain_graph, vectorized)
-            if probing and self._per_task.choice and self._window is None:
-                self._release_task_buffers()  # the k passes lost the measurement: rows not needed
+            if (
+                probing
+                and self._per_task.choice
+                and self._window is None
+                and self._flat is not None
+            ):
+                self._flat.release_task_buffers()  # the k passes lost the measurement
         else:
             self._amortized_backward(step, retain_graph)
 
@@ -543,23 +548,24 @@ class Balancer:
         window = self._opened(step)
         rho = window.rho.to(step.losses.dtype)  # the scale the rows are computed with
         step, flat, blocks = self._per_task_gradients(step, rho, retain_graph, vectorized)
+        columns = None  # the rows are in the task buffers, unless:
         if blocks is not None and self._window is None and _single(step):
-            flat.mark_reached(blocks)  # one batch, one process: the blocks need no (k, n) copy
+            columns = flat.as_columns(blocks)  # one batch, one process: no (k, n) copy
             held: Ok | None = True
         else:
             held = self._gather(step, window, flat, blocks)
-            blocks = None  # in the task buffers now
+        del blocks  # in the buffers or in columns: the rest would only hold memory
         if held is None:
             return
         shifted = window.mean - step.min_losses
         rho64 = rho.to(torch.float64)
-        gram = exact.log_loss_gram(step.layout.global_gram(flat.gram(blocks)), rho64, shifted)
+        gram = exact.log_loss_gram(step.layout.global_gram(flat.gram(columns)), rho64, shifted)
         ok = self._guard.check(
             window.mean,
             step.min_losses,
             gram.isfinite().all(),
             step.names,
-            culprits=lambda: flat.nonfinite_rows(blocks),
+            culprits=lambda: flat.nonfinite_rows(columns),
             allow_nonfinite=step.scaled,
         )
         ok = both(ok, held)
@@ -573,7 +579,7 @@ class Balancer:
             torch.ones_like(weights), rho64, shifted, step.scale, normalize=self.normalize
         )
         written = flat.write_grad(
-            {Role.BALANCED: coefficients, Role.OUTSIDE: coefficients, Role.PLAIN: plain}, blocks
+            {Role.BALANCED: coefficients, Role.OUTSIDE: coefficients, Role.PLAIN: plain}, columns
         )
         engine.run_post_accumulate_grad_hooks(written)
         self._commit(step, weights, gram, ok)
@@ -624,25 +630,29 @@ class Balancer:
             scaled = [loss * scale for loss, scale in zip(step.losses, rho, strict=True)]
             passes = engine.backward_gradients(scaled, step.tensors, retain_graph=retain_graph)
             blocks = engine.stack_tasks(passes, step.tensors)
-        elif vectorized and self._per_task.choice is not False:
-            blocks = self._vmapped_task_gradients(step.losses, rho, step.tensors, retain_graph)
         else:
-            blocks = engine.task_gradients(
-                step.losses, rho, step.tensors, vectorize=False, retain_graph=retain_graph
+            blocks = self._autograd_task_gradients(
+                step.losses, rho, step.tensors, retain_graph, vectorized
             )
         engine.require_dense(blocks, step.describe)
         return blocks
 
-    def _vmapped_task_gradients(
+    def _autograd_task_gradients(
         self,
         losses: torch.Tensor,
         rho: torch.Tensor,
         tensors: list[torch.Tensor],
         retain_graph: bool,
+        vectorized: bool,
     ) -> engine.Blocks:
-        """One vmapped backward; where vmap cannot batch an operator (and ``vectorize`` was not
-        ``True``), k passes, for good, with a warning."""
+        """Per-task gradients by ``torch.autograd.grad``: one vmapped backward (``vectorized``,
+        unless vmap has failed in this run), or k passes. Where vmap cannot batch an operator
+        (and ``vectorize`` was not ``True``), k passes for good, with a warning."""
         per_task = self._per_task
+        if not vectorized or per_task.choice is False:
+            return engine.task_gradients(
+                losses, rho, tensors, vectorize=False, retain_graph=retain_graph
+            )
         may_fall_back = not per_task.fixed and not per_task.vmap_ran
         try:
             # A first try that may fall back keeps the graph, so that the k passes can still run.
@@ -692,15 +702,13 @@ class Balancer:
         window = self._opened(step)
         shifted = step.values - step.min_losses
         rho = exact.row_scale(shifted, step.scale)
-        local_rho = rho.to(step.losses.dtype)
-        if self._per_task.choice is False:
-            blocks = engine.task_gradients(
-                step.losses, local_rho, representation, vectorize=False, retain_graph=True
-            )
-        else:
-            blocks = self._vmapped_task_gradients(
-                step.losses, local_rho, representation, retain_graph=True
-            )
+        blocks = self._autograd_task_gradients(
+            step.losses,
+            rho.to(step.losses.dtype),
+            representation,
+            retain_graph=True,
+            vectorized=True,
+        )
         engine.require_dense(blocks, lambda i: f"representation tensor {i}")
         rows = step.layout.batch_gram(engine.gram_matrix(blocks))
         gram = exact.log_loss_gram(rows, rho, shifted)
@@ -781,10 +789,6 @@ class Balancer:
         return exact.log_loss_gram(engine.gram_matrix(blocks), rho.to(torch.float64), shifted)
 
     # -- shared pieces ---------------------------------------------------------------------------
-
-    def _release_task_buffers(self) -> None:
-        if self._flat is not None:
-            self._flat.release_task_buffers()
 
     def _flat_gradients(self, step: _Step, num_tasks: int) -> engine.FlatGradients:
         """The flat buffers for these tensors, rebuilt only when the tensors change."""

@@ -444,10 +444,18 @@ class FlatGradients:
         for index, source in enumerate(sources):
             self.reached[index] = self.reached[index] or source is not None
 
-    def mark_reached(self, blocks: Blocks) -> None:
-        """Records which tensors ``blocks`` reach, for blocks used as they are (no copy): the
-        ``blocks=`` argument of :meth:`gram`, :meth:`write_grad` and :meth:`nonfinite_rows`."""
+    def as_columns(self, blocks: Blocks) -> Blocks:
+        """``blocks`` to be used without a ``(k, n)`` copy: records which tensors they reach and
+        returns each as ``(k, size)`` rows in the buffers' column order (a view where the block
+        is laid out as its slot, else one copy), for the ``columns=`` argument of :meth:`gram`,
+        :meth:`write_grad` and :meth:`nonfinite_rows`."""
         self.reached = [block is not None for block in blocks]
+        columns: Blocks = [None] * len(blocks)
+        for group in self.groups:
+            for slot, index in zip(group.slots, group.indices, strict=True):
+                if blocks[index] is not None:
+                    columns[index] = slot.columns(blocks[index])
+        return columns
 
     def release_task_buffers(self) -> None:
         """Frees the ``(k, n)`` buffers (made again by the next :meth:`store`)."""
@@ -459,47 +467,43 @@ class FlatGradients:
         """The ``(k, n)`` buffers, one per group (for collectives and checks)."""
         return [group.tasks for group in self.groups if group.tasks is not None]
 
-    def _pieces(self, group: _Group, blocks: Blocks | None) -> list[tuple[int, torch.Tensor]]:
+    def _pieces(self, group: _Group, columns: Blocks | None) -> list[tuple[int, torch.Tensor]]:
         """The group's per-task gradients as ``(first column, (k, m) rows)`` pieces: its whole
-        task buffer, or each reached tensor's block (``blocks``) in the buffer's column order."""
-        if blocks is None:
+        task buffer, or each reached tensor's rows of ``columns`` (:meth:`as_columns`)."""
+        if columns is None:
             return [(0, group.tasks)]
         return [
-            (slot.start, slot.columns(blocks[i]))
+            (slot.start, columns[i])
             for slot, i in zip(group.slots, group.indices, strict=True)
-            if blocks[i] is not None
+            if columns[i] is not None
         ]
 
-    def pieces(self, blocks: Blocks | None = None) -> list[torch.Tensor]:
-        """Every group's ``(k, m)`` pieces (see :meth:`gram`), for checks."""
-        return [rows for group in self.groups for _, rows in self._pieces(group, blocks)]
-
-    def nonfinite_rows(self, blocks: Blocks | None = None) -> list[bool]:
+    def nonfinite_rows(self, columns: Blocks | None = None) -> list[bool]:
         """Which rows hold the non-finite gradients: those with an infinity, else those with a
         NaN. (A vmapped backward multiplies the other rows' zero cotangent by an infinite partial
         derivative of one loss: a NaN, never an infinity, in their rows.) For error messages."""
         device = self.groups[0].like.device
-        pieces = self.pieces(blocks)
+        pieces = [rows for group in self.groups for _, rows in self._pieces(group, columns)]
         infinite = torch.stack([b.isinf().any(dim=1).to(device) for b in pieces])
         nan = torch.stack([b.isnan().any(dim=1).to(device) for b in pieces])
         infinite, nan = infinite.any(dim=0).tolist(), nan.any(dim=0).tolist()
         return infinite if any(infinite) else nan
 
-    def gram(self, blocks: Blocks | None = None) -> torch.Tensor:
+    def gram(self, columns: Blocks | None = None) -> torch.Tensor:
         """``(k, k)`` float64 Gram matrix of the balanced tensors' per-task gradients: of the
-        task buffers, or of ``blocks`` used as they are (after :meth:`mark_reached`)."""
+        task buffers, or of ``columns`` (:meth:`as_columns`)."""
         balanced = [group for group in self.groups if group.role is Role.BALANCED]
         if not any(self.reached[i] for group in balanced for i in group.indices):
             raise ValueError("no loss reaches any balanced parameter")
         return _sum_on_one_device(
-            [kernels.gram(rows) for group in balanced for _, rows in self._pieces(group, blocks)]
+            [kernels.gram(rows) for group in balanced for _, rows in self._pieces(group, columns)]
         )
 
     def write_grad(
-        self, coefficients: dict[Role, torch.Tensor], blocks: Blocks | None = None
+        self, coefficients: dict[Role, torch.Tensor], columns: Blocks | None = None
     ) -> list[torch.Tensor]:
         """Add ``Σ_i c_i row_i`` into the ``.grad`` of every reached tensor, ``c`` by role; the
-        rows are the task buffers', or ``blocks`` used as they are (after :meth:`mark_reached`).
+        rows are the task buffers', or ``columns`` (:meth:`as_columns`).
 
         When every reached tensor's ``.grad`` is still a view of the group's buffer
         (``zero_grad(set_to_none=False)``, or no zeroing), the combination is added into it in
@@ -526,7 +530,7 @@ class FlatGradients:
             out = last if in_place else group.reusable()
             if out is None:
                 out = group.fresh()
-            for start, rows in self._pieces(group, blocks):  # unreached columns: not members
+            for start, rows in self._pieces(group, columns):  # unreached columns: not members
                 piece = out[start : start + rows.shape[1]]
                 kernels.combine(rows, weights, piece, accumulate=in_place)
             if in_place:

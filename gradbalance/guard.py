@@ -49,6 +49,7 @@ class SyncGuard:
 
     name = "sync"
     found_inf = None
+    refused_steps = None  # a refused step raises: nothing to count
 
     def check(
         self,
