@@ -177,3 +177,31 @@ def describe_nonfinite(culprits: Sequence[bool] | None, names: Sequence[str] | N
     culprits = [] if culprits is None else [i for i, bad in enumerate(culprits) if bad]
     named = ", ".join(loss_label(i, names) for i in culprits) or "the weighted loss"
     return f"non-finite gradients of {named}; nothing was changed"
+
+
+def weighting_output(weights: object, k: int, source: str) -> torch.Tensor:
+    """The π a user's weighting returned, as a real ``(k,)`` tensor; raises ``TypeError`` or
+    ``ValueError`` naming ``source`` otherwise. Reads only metadata (no host synchronisation)."""
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weighting {source} must return a tensor, got {type(weights).__name__}")
+    if weights.shape != (k,):
+        raise ValueError(
+            f"weighting {source} must return π of shape ({k},) for a ({k}, {k}) Gram matrix, "
+            f"got {tuple(weights.shape)}"
+        )
+    if not weights.is_floating_point():
+        raise ValueError(f"weighting {source} must return floating-point π, got {weights.dtype}")
+    return weights
+
+
+def describe_invalid_weights(weights: torch.Tensor, source: str, normalize: bool) -> str:
+    """A message saying why the π of a user's weighting was refused."""
+    values = ", ".join(f"{value:.6g}" for value in weights.tolist())
+    if not all(math.isfinite(value) for value in weights.tolist()):
+        reason = "non-finite weights"
+    else:
+        reason = (
+            "weights that are negative or sum to ≤ 0, which normalize=True cannot divide by "
+            "(Σ_j π_j / (L_j - m_j) must be positive)"
+        )
+    return f"weighting {source} returned {reason}: π = [{values}]; nothing was changed"

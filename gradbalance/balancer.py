@@ -37,6 +37,7 @@ from ._inputs import (
     describe_unreached,
     describe_unshared,
     trainable,
+    weighting_output,
 )
 from .amortized import FAMO_EPSILON, FamoHyperparameters, FamoState, PiOptimizer, famo_update
 from .diagnostics import gradient_statistics
@@ -49,6 +50,9 @@ __all__ = ["Balancer", "FamoMode", "GramMode", "Mode"]
 
 Mode = Literal["exact", "amortized", "affine", "representation"]
 MODES = ("exact", "amortized", "affine", "representation")
+WEIGHTED_MODES = ("exact", "representation")  # the modes that take weighting=
+# A weighting: the (k, k) float64 Gram matrix of the log-loss gradients ↦ π, (k,).
+Weighting = Callable[[torch.Tensor], torch.Tensor]
 _STATE_VERSION = 2  # 2: adds "vectorize"
 _READABLE_VERSIONS = (1, 2)
 
@@ -59,17 +63,23 @@ class GramMode:
     shared representation (representation mode: then one weighted backward).
 
     Args:
-        name: the mode's name. weighting: ``G (k, k) ↦ π (k,)``, a pure function of the Gram
-            matrix (:mod:`gradbalance.weighting`).
+        name: the mode's name. weighting: ``G (k, k) ↦ π (k,)``, a function of the Gram matrix
+            (:mod:`gradbalance.weighting`). custom: it is the user's, so what it returns is
+            checked (:func:`weighting_output`, and the guard's ``check_weights``).
     """
 
-    def __init__(self, name: str, weighting: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, name: str, weighting: Weighting, custom: bool = False) -> None:
         self.name = name
         self.weighting = weighting
+        self.custom = custom
+        self.source = _weighting_name(weighting)
         self.per_task = name != "representation"
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        return self.weighting(gram).to(torch.float64)
+        weights = self.weighting(gram)
+        if self.custom:
+            weights = weighting_output(weights, len(gram), self.source).to(gram.device)
+        return weights.to(torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -261,6 +271,17 @@ class Balancer:
             (:mod:`gradbalance.strategy`; k passes for good, with a warning, the first time vmap
             cannot batch an operator). :attr:`vectorize` tells the choice made; it is part of
             the state dict.
+        guard: ``"sync"`` (default) raises on a refused step at once; ``"device"`` keeps the
+            verdict on the device (:mod:`gradbalance.guard`).
+        weighting: exact and representation modes: another rule for π, any callable from the
+            ``(k, k)`` float64 Gram matrix ``G_ij = ⟨g_i, g_j⟩`` of the log-loss gradients (on
+            the parameters' device) to π, a floating ``(k,)`` tensor — for instance a
+            ``torchjd.aggregation`` Weighting (``UPGradWeighting()``, ``PCGradWeighting()``,
+            …) as it is. Default: the exact min-norm π on the simplex. π need not lie on the
+            simplex (``d = Σ π_i g_i`` is followed as it is) but must be finite, and with
+            ``normalize=True`` non-negative with a positive sum; otherwise the step is refused
+            like an invalid loss. A weighting that reads G on the host synchronises a CUDA
+            stream. Its own state, if any, is not part of :meth:`state_dict`.
     """
 
     def __init__(
@@ -275,9 +296,17 @@ class Balancer:
         stats_every: int = 0,
         vectorize: bool | None = None,
         guard: Guard = "sync",
+        weighting: Weighting | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if weighting is not None and mode not in WEIGHTED_MODES:
+            raise ValueError(
+                f"weighting= is for the modes {' and '.join(WEIGHTED_MODES)}, which compute the "
+                f"Gram matrix every step; {mode} mode has its own π"
+            )
+        if weighting is not None and not callable(weighting):
+            raise TypeError(f"weighting must be callable, got {type(weighting).__name__}")
         normalize = mode == "amortized" if normalize is None else normalize
         if normalize and mode == "affine":
             raise ValueError("normalize=True needs non-negative weights; affine mode has none")
@@ -290,9 +319,7 @@ class Balancer:
         self.normalize = normalize
         self.stats_every = stats_every
         self._mode: GramMode | FamoMode = (
-            FamoMode(hyper)
-            if mode == "amortized"
-            else GramMode(mode, affine_weights if mode == "affine" else min_norm_weights)
+            FamoMode(hyper) if mode == "amortized" else _gram_mode(mode, weighting)
         )
         self._min_losses_arg = min_losses
         self.num_losses: int | None = checked_min_losses(min_losses)
@@ -568,9 +595,9 @@ class Balancer:
             culprits=lambda: flat.nonfinite_rows(columns),
             allow_nonfinite=step.scaled,
         )
-        ok = both(ok, held)
+        weights, valid = self._weights(gram, ok)
+        ok = both(both(ok, held), valid)
         self._guard.conclude(ok)
-        weights = self._weights(gram, ok)
         coefficients = exact.row_coefficients(
             weights, rho64, shifted, step.scale, normalize=self.normalize
         )
@@ -584,13 +611,21 @@ class Balancer:
         engine.run_post_accumulate_grad_hooks(written)
         self._commit(step, weights, gram, ok)
 
-    def _weights(self, gram: torch.Tensor, ok: Ok) -> torch.Tensor:
-        """π of the Gram matrix where the verdict holds; uniform where it does not (overflowed
-        under a grad scaler: any finite π, the step is skipped)."""
+    def _weights(self, gram: torch.Tensor, ok: Ok) -> tuple[torch.Tensor, Ok]:
+        """π of the Gram matrix where the verdict holds, uniform where it does not (overflowed
+        under a grad scaler: any finite π, the step is skipped); and the verdict on π — a user's
+        weighting must return finite weights (non-negative, with a positive sum, to normalize).
+        """
         uniform = torch.full((len(gram),), 1 / len(gram), dtype=torch.float64, device=gram.device)
-        if isinstance(ok, bool):
-            return self._mode.weights(gram) if ok else uniform
-        return torch.where(ok, self._mode.weights(_solvable(gram)), uniform)
+        if ok is False:
+            return uniform, True
+        weights = self._mode.weights(gram if ok is True else _solvable(gram))
+        valid = (
+            self._guard.check_weights(weights, self._mode.source, self.normalize)
+            if self._mode.custom
+            else True
+        )
+        return (weights if ok is True else torch.where(ok, weights, uniform)), valid
 
     def _opened(self, step: _Step) -> _Window:
         """The window with this micro-batch; opening one fixes the rows' scale ρ."""
@@ -713,11 +748,11 @@ class Balancer:
         rows = step.layout.batch_gram(engine.gram_matrix(blocks))
         gram = exact.log_loss_gram(rows, rho, shifted)
         # No host synchronisation: a non-finite G comes with non-finite gradients, refused below.
-        weights = self._mode.weights(_solvable(gram))
-        coefficients = loss_coefficients(weights, shifted, normalize=self.normalize)
+        weights, valid = self._weights(_solvable(gram), True)
+        coefficients = poisoned(loss_coefficients(weights, shifted, normalize=self.normalize), valid)
         ok = self._weighted_backward(step, window, coefficients, retain_graph)
         if ok is not None:
-            self._commit(step, weights, gram, ok)
+            self._commit(step, weights, gram, both(ok, valid))
 
     # -- one weighted backward (amortized and representation modes) ------------------------------
 
@@ -916,8 +951,10 @@ class Balancer:
         return {**self.__dict__, **transient}
 
     def __repr__(self) -> str:
+        custom = isinstance(self._mode, GramMode) and self._mode.custom
+        weighting = f", weighting={self._mode.source}" if custom else ""
         return (
-            f"{type(self).__name__}(mode={self.mode!r}, normalize={self.normalize}, "
+            f"{type(self).__name__}(mode={self.mode!r}{weighting}, normalize={self.normalize}, "
             f"num_losses={self.num_losses})"
         )
 
@@ -948,6 +985,17 @@ def _checked_values(step: _Step, window: _Window) -> tuple[torch.Tensor, torch.T
     if step.accumulate:
         return step.values, torch.full_like(step.values, -torch.inf)
     return window.mean, step.min_losses
+
+
+def _gram_mode(mode: str, weighting: Weighting | None) -> GramMode:
+    if weighting is not None:
+        return GramMode(mode, weighting, custom=True)
+    return GramMode(mode, affine_weights if mode == "affine" else min_norm_weights)
+
+
+def _weighting_name(weighting: Weighting) -> str:
+    """How messages name a weighting: a function's qualified name, else its class's name."""
+    return getattr(weighting, "__qualname__", None) or type(weighting).__name__
 
 
 def _solvable(gram: torch.Tensor) -> torch.Tensor:

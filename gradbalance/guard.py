@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from ._inputs import describe_invalid_losses, describe_nonfinite
+from ._inputs import describe_invalid_losses, describe_invalid_weights, describe_nonfinite
 
 __all__ = [
     "DeviceGuard",
@@ -33,6 +33,7 @@ __all__ = [
     "losses_valid",
     "poisoned",
     "select",
+    "weights_valid",
 ]
 
 Guard = Literal["sync", "device"]
@@ -42,6 +43,15 @@ Ok = bool | torch.Tensor
 def losses_valid(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """0-d bool: every loss finite and above its bound."""
     return (values.isfinite() & (values > bounds)).all()
+
+
+def weights_valid(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """0-d bool: every weight finite; with ``normalize`` also non-negative, with a positive sum
+    (the normalisation divides by ``Σ_j π_j / D_j``)."""
+    valid = weights.isfinite().all()
+    if normalize:
+        valid = valid & (weights >= 0).all() & (weights.sum() > 0)
+    return valid
 
 
 class SyncGuard:
@@ -75,6 +85,13 @@ class SyncGuard:
             return False
         raise ValueError(describe_nonfinite(None if culprits is None else culprits(), names))
 
+    def check_weights(self, weights: torch.Tensor, source: str, normalize: bool) -> bool:
+        """True; raises when a user's weighting (``source``) returned invalid π
+        (:func:`weights_valid`)."""
+        if not bool(weights_valid(weights, normalize)):
+            raise ValueError(describe_invalid_weights(weights, source, normalize))
+        return True
+
     def conclude(self, ok: Ok) -> None:
         """Nothing to record: a refused step has raised."""
 
@@ -94,6 +111,9 @@ class DeviceGuard:
         self._last: tuple | None = None  # the values and bounds of the last refused check
         self._names: Sequence[str] | None = None
         self._error: torch.Tensor | None = None  # a check of the step under way refused it
+        self._weights: torch.Tensor | None = None  # π of the last refused weighting check
+        self._source = ""  # the weighting it came from
+        self._by_weighting: torch.Tensor | None = None  # the last refusal was the weighting's
 
     def check(
         self,
@@ -118,6 +138,18 @@ class DeviceGuard:
             for new, old in zip((values, bounds), self._last or (None, None), strict=True)
         )
         self._error = refused if self._error is None else self._error | refused
+        self._by_weighting = select(refused, torch.zeros_like(refused), self._by_weighting)
+        return ok
+
+    def check_weights(self, weights: torch.Tensor, source: str, normalize: bool) -> torch.Tensor:
+        """0-d bool on the device: a user's weighting (``source``) returned valid π
+        (:func:`weights_valid`); a refusal is remembered for :meth:`conclude` and its message."""
+        ok = weights_valid(weights, normalize)
+        refused = ~ok
+        self._source = source
+        self._weights = select(refused, weights, self._weights)
+        self._error = refused if self._error is None else self._error | refused
+        self._by_weighting = select(refused, refused, self._by_weighting)
         return ok
 
     def conclude(self, ok: Ok) -> None:
@@ -145,13 +177,20 @@ class DeviceGuard:
         self._refused = torch.zeros_like(self._refused)
         if count == 0:
             return
-        (values, bounds), self._last = self._last, None
-        message = describe_invalid_losses(values, bounds, self._names) or describe_nonfinite(
-            None, self._names
-        )
+        message = self._message()
         raise ValueError(
             f"{count} balanced backward call(s) were refused on the device and their steps "
             f"skipped (guard='device'); the last: {message}"
+        )
+
+
+    def _message(self) -> str:
+        """What the last refused step was refused for (reads the device: one synchronisation)."""
+        if self._by_weighting is not None and bool(self._by_weighting):
+            return describe_invalid_weights(self._weights, self._source, normalize=True)
+        (values, bounds), self._last = self._last, None
+        return describe_invalid_losses(values, bounds, self._names) or describe_nonfinite(
+            None, self._names
         )
 
 

@@ -22,7 +22,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ._inputs import LossesLike
 from .amortized import PiOptimizer
-from .balancer import Balancer, Mode
+from .balancer import Balancer, Mode, Weighting
 from .guard import Guard
 
 __all__ = ["MultiObjectiveOptimizer"]
@@ -76,6 +76,8 @@ class MultiObjectiveOptimizer(Optimizer):
             raises later (:meth:`gradbalance.Balancer.raise_deferred`). Default: ``"device"``
             where the parameters are on CUDA and the base takes ``found_inf`` (torch's fused
             Adam, AdamW, SGD, Adagrad: the default base is fused), else ``"sync"``.
+        weighting: exact and representation modes: another rule for π from the Gram matrix, e.g.
+            a ``torchjd.aggregation`` Weighting (the Balancer's).
         **base_kwargs: passed to ``base`` (``lr``, ``weight_decay``, ``betas``, ``fused``, …).
 
     Example::
@@ -103,6 +105,7 @@ class MultiObjectiveOptimizer(Optimizer):
         stats_every: int = 0,
         vectorize: bool | None = None,
         guard: Guard | None = None,
+        weighting: Weighting | None = None,
         **base_kwargs: Any,
     ) -> None:
         self.base, self._implicitly_fused = _build_base(params, base, base_kwargs)
@@ -116,6 +119,7 @@ class MultiObjectiveOptimizer(Optimizer):
             stats_every=stats_every,
             vectorize=vectorize,
             guard=_default_guard(self.base) if guard is None else guard,
+            weighting=weighting,
         )
         self.param_groups[0][STATE_KEY] = self.balancer.state_dict()
         # torch.optim.Optimizer's own bookkeeping (hook registries, the profiled step), as its
