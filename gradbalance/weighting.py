@@ -66,7 +66,7 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
       within 16 ulp of the best value seen, so the point returned is the best one found. A
       correlation matrix made slightly indefinite by rounding is first projected onto the PSD
       cone (its negative eigenvalues set to 0). Cost: one r×r solve per face visited, about
-      k of them; k = 16 takes ~1 ms (``benchmarks/solver_time.py``).
+      k of them; k = 16 takes ~1 ms (``benchmarks/scripts/solver_time.py``).
 
     Degenerate cases (k ≥ 3), handled before the solve:
 

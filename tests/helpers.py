@@ -1,10 +1,38 @@
-"""Small models and loss pairs shared by the optimizer tests."""
+"""What the tests share: a small model and loss pair, snapshots, and a runner on gloo ranks.
+
+- ``TeacherStudentProblem``: a student MLP, a fixed random teacher, [distillation, task] losses.
+- ``snapshot`` / ``assert_unchanged``: what a refused call must leave as it was.
+- ``run_on_ranks``: a function on several gloo ranks (CPU processes on 127.0.0.1), e.g.::
+
+    from helpers import run_on_ranks
+
+    def _check(rank: int, world_size: int, scale: float) -> torch.Tensor:  # module level
+        value = torch.tensor([rank * scale])
+        torch.distributed.all_reduce(value)
+        return value
+
+    def test_all_reduce():
+        assert all(r.item() == 1.0 for r in run_on_ranks(_check, 1.0))
+"""
 
 from __future__ import annotations
 
+import datetime
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -49,3 +77,139 @@ def assert_unchanged(before: dict, after: dict) -> None:
     for old, new in zip(before["grads"], after["grads"], strict=True):
         assert (old is None and new is None) or torch.equal(old, new)
     assert before["state"] == after["state"]
+
+
+# -- several gloo ranks -------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def run_on_ranks(
+    function: Callable[..., T],
+    *args: Any,
+    world_size: int = 2,
+    timeout: float = 120.0,
+) -> list[T]:
+    """``function(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; their results.
+
+    The rendezvous store is served by this (the parent) process on a port that the OS picks, so
+    there is no free-port race. Each rank joins the default process group (gloo, 127.0.0.1),
+    runs ``function`` and destroys the group. ``function`` and ``args`` must be picklable:
+    ``function`` lives at module level of an importable module (a test module under ``tests/``
+    is, as spawned children inherit ``sys.path``; so is this one, whose ``_run_rank`` each child
+    imports by name). Return values come back through :func:`torch.save`, so CPU tensors are
+    fine.
+
+    Raises:
+        RuntimeError: a rank raised; the message holds that rank's traceback, and the original
+            exception, when it could be pickled, is chained as the cause.
+        TimeoutError: not every rank finished within ``timeout`` seconds (say, a collective that
+            only some ranks called); all ranks are killed.
+    """
+    payload = pickle.dumps((function, args))  # unpicklable arguments fail here, not in a child
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="run_on_ranks_") as folder:
+        paths = [Path(folder, f"rank{rank}.pt") for rank in range(world_size)]
+        processes = [
+            context.Process(
+                target=_run_rank,
+                args=(payload, rank, world_size, store.port, timeout, paths[rank]),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            _wait(processes, time.monotonic() + timeout, timeout)
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+        outcomes = [_load(path, process) for path, process in zip(paths, processes)]
+    del store
+    failures = sorted(  # the first to fail: the others usually fail waiting on it
+        (value[2], rank) for rank, (failed, value) in enumerate(outcomes) if failed
+    )
+    if failures:
+        rank = failures[0][1]
+        message, cause, _ = outcomes[rank][1]
+        also = "".join(
+            f"\nrank {r} failed later: {outcomes[r][1][0].strip().splitlines()[-1]}"
+            for _, r in failures[1:]
+        )
+        raise RuntimeError(f"rank {rank} of {world_size} failed:\n{message}{also}") from cause
+    return [value for _, value in outcomes]
+
+
+def _wait(processes: list[Any], deadline: float, timeout: float) -> None:
+    """Until every rank exits; once one fails, the others get a few seconds, not the timeout."""
+    pending = {process.sentinel: process for process in processes}
+    failed = False
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if failed:
+                return  # the survivors wait on the failed rank: killed, the failure is reported
+            raise TimeoutError(
+                f"{len(pending)} of {len(processes)} ranks still running after {timeout:g} s "
+                "(a collective that not every rank called?)"
+            )
+        for sentinel in multiprocessing.connection.wait(list(pending), timeout=left):
+            if pending.pop(sentinel).exitcode != 0 and not failed:
+                failed = True
+                deadline = min(deadline, time.monotonic() + 5.0)
+
+
+def _load(path: Path, process: Any) -> tuple[bool, Any]:
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception:  # none, or half written: killed (not the first to fail) or crashed
+        message = f"the process exited with code {process.exitcode} and no result"
+        return True, (message, None, math.inf)
+
+
+def _run_rank(
+    payload: bytes, rank: int, world_size: int, port: int, timeout: float, path: Path
+) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    failed_at = math.inf
+    try:
+        function, args = pickle.loads(payload)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        try:
+            outcome: tuple[bool, Any] = (False, function(rank, world_size, *args))
+            dist.barrier()  # nobody closes its connections while another rank still uses them
+        except BaseException:
+            failed_at = time.time()  # before destroying the group fails the other ranks
+            raise
+        finally:
+            dist.destroy_process_group()
+    except BaseException as error:
+        cause = error if _picklable(error) else None
+        outcome = (True, (traceback.format_exc(), cause, min(failed_at, time.time())))
+    try:
+        torch.save(outcome, path)
+    except Exception:  # an unpicklable result
+        outcome = (True, (traceback.format_exc(), None, time.time()))
+        torch.save(outcome, path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if outcome[0] else 0)  # skips torch's interpreter teardown: about 1 s
+
+
+def _picklable(value: object) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True

@@ -1,8 +1,9 @@
-"""The benchmark scripts run and report what they claim: benchmarks/floor.py and gpu_check.py.
+"""The benchmark scripts run and report what they claim: floor.py and gpu_check.py.
 
 Each script runs once, in a subprocess at its ``--quick`` sizes (tens of seconds on 2 cores); the
 assertions are on the structure of what they write and on what holds whatever the machine's load
-(no timing bounds).
+(no timing bounds). Both live in benchmarks/scripts/, with the timing.py and workloads.py they
+import.
 """
 
 import json
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = ROOT / "benchmarks" / "scripts"
 WORKLOADS = ("mlp", "cnn", "transformer")
 QUICK_KS = (2, 3)
 # The variants of the brief; floor.py may have more (each new one is one more column).
@@ -36,20 +37,20 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def floor_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("floor") / "floor.json"
-    done = run_script("benchmarks/floor.py", "--quick", "--json", str(path))
+    done = run_script("benchmarks/scripts/floor.py", "--quick", "--json", str(path))
     return done.stdout, json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
 def gpu_check_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    run_script("benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out))
+    run_script("benchmarks/scripts/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out))
     return (out / "report.md").read_text(), json.loads((out / "report.json").read_text())
 
 
 @pytest.fixture
-def benchmarks_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+def scripts_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
 
 
 @pytest.mark.slow
@@ -105,7 +106,7 @@ def cells_of(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-def test_the_cpu_peak_memory_of_a_step_is_the_same_every_time(benchmarks_importable):
+def test_the_cpu_peak_memory_of_a_step_is_the_same_every_time(scripts_importable):
     import floor
     from timing import peak_bytes
 
@@ -143,7 +144,7 @@ def test_gpu_check_on_cpu_runs_what_it_can_and_skips_the_rest(gpu_check_report):
     }
 
 
-def test_the_sync_free_case_runs_its_steps_off_cuda(benchmarks_importable):
+def test_the_sync_free_case_runs_its_steps_off_cuda(scripts_importable):
     """On CPU the guard is off: this checks the steps themselves, which the GPU run guards."""
     import gpu_check
 
@@ -151,7 +152,7 @@ def test_the_sync_free_case_runs_its_steps_off_cuda(benchmarks_importable):
         assert gpu_check.sync_free_case(mode, k, torch.device("cpu"), steps=1) is None
 
 
-def test_pytest_counts_are_read_from_its_summary_line(benchmarks_importable):
+def test_pytest_counts_are_read_from_its_summary_line(scripts_importable):
     from gpu_check import summary_counts
 
     assert summary_counts("1 failed, 250 passed, 2 skipped, 1 error in 31.2s") == {

@@ -6,8 +6,7 @@ throughout, so the only differences are the order of floating-point sums.
 
 import pytest
 import torch
-from distributed import run_on_ranks
-from helpers import TeacherStudentProblem
+from helpers import TeacherStudentProblem, run_on_ranks
 
 from gradbalance import MultiObjectiveOptimizer
 

@@ -1,7 +1,7 @@
 """Projector cost and accuracy per geotorch trivialization (docs/projectors.md quotes its output).
 
-    python benchmarks/bench_projectors.py [--teacher-dim 3024] [--student-dim 192] [--batch 256]
-                                          [--repeats 5] [--trivs cayley expm]
+    python benchmarks/scripts/bench_projectors.py [--teacher-dim 3024] [--student-dim 192]
+                                                  [--batch 256] [--repeats 5] [--trivs cayley expm]
 
 1. One training step, ``proj.loss(z_s, z_t)`` forward + backward on pooled (B, C) features, for
    ``triv="cayley"`` and ``"expm"`` (median of ``--repeats``; expm once, it is slow), and the

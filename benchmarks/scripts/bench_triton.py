@@ -1,6 +1,7 @@
 """GPU time of the fused operations, Triton against torch, as multiples of one read of the buffer.
 
-    python benchmarks/bench_triton.py [--tasks 2 3 8] [--sizes 1e5 1e6 1e7 1e8] [--repeats 25]
+    python benchmarks/scripts/bench_triton.py [--tasks 2 3 8] [--sizes 1e5 1e6 1e7 1e8]
+                                              [--repeats 25]
 
 For each k and n, on a float32 ``(k, n)`` buffer: ``flat.sum()`` (one read of k·n values, the
 floor for both operations), the Triton and torch Gram matrices, and the Triton and torch

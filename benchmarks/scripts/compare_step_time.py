@@ -1,8 +1,8 @@
 """Step time of two versions of gradbalance side by side, in one process, interleaved.
 
     git worktree add /tmp/old <commit>
-    python benchmarks/compare_step_time.py /tmp/old [--repeats 21]
-    python benchmarks/compare_step_time.py /tmp/old --this /tmp/old   # A/A: the noise floor
+    python benchmarks/scripts/compare_step_time.py /tmp/old [--repeats 21]
+    python benchmarks/scripts/compare_step_time.py /tmp/old --this /tmp/old   # A/A: the noise floor
 
 Loads the other checkout's package under another name next to this one and times, on the same
 batch, plain AdamW and each version's exact and amortized steps (the workloads of
@@ -63,7 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("other", type=Path, help="the other checkout (e.g. a git worktree)")
     parser.add_argument(
-        "--this", type=Path, default=Path(__file__).parents[1], help="default: this checkout"
+        "--this",
+        type=Path,
+        default=Path(__file__).resolve().parents[2],
+        help="default: this checkout",
     )
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """How far two versions of gradbalance drift apart on the same 60 steps: float rounding or not?
 
     git worktree add /tmp/old 410a083
-    python benchmarks/compare_versions.py /tmp/old .
+    python benchmarks/scripts/compare_versions.py /tmp/old .
 
 Trains the test problem of ``tests/helpers.py`` (float32, AdamW lr 1e-2) for 60 steps in exact and
 amortized mode, once with each version's package (each run in its own interpreter), and prints the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).parents[1] / "tests"
+TESTS = Path(__file__).resolve().parents[2] / "tests"
 STEPS = 60
 RUN = f"""
 import sys, torch

@@ -1,7 +1,7 @@
 """Exact mode against its floor: step time and peak memory per workload and k, side by side.
 
-    python benchmarks/floor.py [--repeats 21] [--ks 2,4,8] [--workloads mlp,cnn,transformer]
-                               [--quick] [--device cpu|cuda] [--json PATH]
+    python benchmarks/scripts/floor.py [--repeats 21] [--ks 2,4,8] [--workloads mlp,cnn,transformer]
+                                       [--quick] [--device cpu|cuda] [--json PATH]
 
 For each workload (a model and a fixed batch) and each number of objectives k, every step variant
 runs on its own copy of the model (same seed, same initial weights), all with fused AdamW

@@ -1,6 +1,6 @@
 """One unattended GPU check: CUDA tests, Triton kernels, the sync-free step, the floor tables.
 
-    python benchmarks/gpu_check.py --out DIR [--device cuda|cpu] [--quick]
+    python benchmarks/scripts/gpu_check.py --out DIR [--device cuda|cpu] [--quick]
 
 Writes ``DIR/report.md`` (and ``DIR/report.json``, every figure) with four sections, each with
 its status (pass, fail, or skipped), its time and its output:
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Seconds per section, the child's hard limit. The tests compile every Triton specialisation
 # they meet; the tables' child stops starting rows TABLE_MARGIN seconds before its limit.
 BUDGETS = {"tests": 125, "kernels": 45, "sync": 30, "tables": 75}

@@ -1,6 +1,6 @@
 """Timing ratios measured side by side: median of interleaved repeats, in one process.
 
-    python benchmarks/ratios.py [--repeats 15] [--quick] [--tables step,n,k,gram]
+    python benchmarks/scripts/ratios.py [--repeats 15] [--quick] [--tables step,n,k,gram]
 
 Prints markdown tables, every figure a ratio of medians measured in the same interleaved loop:
 

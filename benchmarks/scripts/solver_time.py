@@ -1,6 +1,6 @@
 """Time per solve of ``min_norm_weights`` (CPU), median of interleaved repeats, in one process.
 
-    python benchmarks/solver_time.py [--repeats 21] [--instances 8] [--no-old]
+    python benchmarks/scripts/solver_time.py [--repeats 21] [--instances 8] [--no-old]
 
 For k = 3, 8, 16, 32 it draws ``--instances`` random Gram matrices (n = 2k Gaussian gradients,
 row norms 10^U(−3, 3)); one sample is the time to solve them all, divided by their number. The
@@ -44,7 +44,7 @@ def gram_matrices(k: int, count: int, seed: int) -> list[torch.Tensor]:
 
 def old_module(ref: str) -> ModuleType:
     """``gradbalance/weighting.py`` at git ``ref``, imported from a temporary file."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     source = subprocess.run(
         ["git", "show", f"{ref}:gradbalance/weighting.py"],
         cwd=root,

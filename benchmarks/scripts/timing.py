@@ -1,8 +1,9 @@
 """What the benchmarks share: the median of interleaved repeats, and one step's peak memory.
 
 ``interleaved_medians`` times calls side by side in one loop (``ratios.py``, ``floor.py``,
-``compare_step_time.py``, ``gpu_check.py``); ``peak_bytes`` gives the peak memory of one training
-step on CPU or CUDA, counted from before the step's model and optimizer were built.
+``compare_step_time.py``, ``gpu_check.py``, and the studies in ``benchmarks/studies/``);
+``peak_bytes`` gives the peak memory of one training step on CPU or CUDA, counted from before the
+step's model and optimizer were built.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Would a torch.compile'd Gram matrix pay on CPU? The measurement behind docs/performance.md.
 
-    python benchmarks/compiled_gram.py [--repeats 15]
+    python benchmarks/studies/compiled_gram.py [--repeats 15]
 
 The candidate computes the same float32 products of pieces of 4096 elements summed in float64 as
 ``gradbalance.kernels.torch_backend.gram``, written as elementwise products and sums that inductor
@@ -12,14 +12,19 @@ parameter MLP with each Gram against plain AdamW.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from timing import interleaved_medians
-from workloads import ADAMW, EXACT, Batch, workloads
 
 from gradbalance import kernels
 from gradbalance.kernels import torch_backend
+
+# The timing helpers and workloads of the scripts, benchmarks/scripts/{timing,workloads}.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from timing import interleaved_medians
+from workloads import ADAMW, EXACT, Batch, workloads
 
 PIECE = torch_backend.GRAM_BLOCK_SIZE
 

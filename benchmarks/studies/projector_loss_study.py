@@ -14,7 +14,7 @@ The score does not depend on the loss: R² of the best linear map from held-out 
 to the teacher's features, i.e. how much of the teacher's representation the student captured
 (the best any 16-dim linear function of these teacher features can reach is 0.87, its PCA).
 
-    python benchmarks/projector_loss_study.py
+    python benchmarks/studies/projector_loss_study.py
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """pytest-benchmark: one training step of each workload over n and k, and the Gram kernels.
 
-    python -m pytest benchmarks/ --benchmark-only
+    python -m pytest benchmarks/suite --benchmark-only
 
 pytest-benchmark times the workloads one after the other; for the ratios that docs/performance.md
-reports (interleaved repeats, one process) use ``python benchmarks/ratios.py``. The default test
-run does not collect this file (``testpaths = ["tests"]``).
+reports (interleaved repeats, one process) use ``python benchmarks/scripts/ratios.py``. The default
+test run does not collect this file (``testpaths = ["tests"]``). The workloads are those of
+``benchmarks/scripts/workloads.py`` (``conftest.py`` puts that folder on ``sys.path``).
 """
 
 from __future__ import annotations
