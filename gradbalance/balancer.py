@@ -749,7 +749,9 @@ class Balancer:
         gram = exact.log_loss_gram(rows, rho, shifted)
         # No host synchronisation: a non-finite G comes with non-finite gradients, refused below.
         weights, valid = self._weights(_solvable(gram), True)
-        coefficients = poisoned(loss_coefficients(weights, shifted, normalize=self.normalize), valid)
+        coefficients = poisoned(
+            loss_coefficients(weights, shifted, normalize=self.normalize), valid
+        )
         ok = self._weighted_backward(step, window, coefficients, retain_graph)
         if ok is not None:
             self._commit(step, weights, gram, both(ok, valid))

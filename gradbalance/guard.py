@@ -183,7 +183,6 @@ class DeviceGuard:
             f"skipped (guard='device'); the last: {message}"
         )
 
-
     def _message(self) -> str:
         """What the last refused step was refused for (reads the device: one synchronisation)."""
         if self._by_weighting is not None and bool(self._by_weighting):

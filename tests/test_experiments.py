@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
 from gradbalance.experiments.augment import Augmentation
 from gradbalance.experiments.config import DistillConfig
-from gradbalance.experiments.data import Splits, load_dataset
+from gradbalance.experiments.data import Splits, load_dataset, with_label_noise
 from gradbalance.experiments.distill import run_distill
 from gradbalance.experiments.methods import (
     METHODS,
@@ -20,6 +20,7 @@ from gradbalance.experiments.methods import (
     FixedSum,
     MethodSettings,
     TaskObjective,
+    TeacherTargets,
     build,
     parse_method,
     shared_representation,
@@ -39,21 +40,32 @@ def digits() -> Splits:
 
 
 @pytest.fixture(scope="module")
-def teacher(digits):
+def teacher(digits) -> TeacherTargets:
+    """The teacher, run on each batch (as for augmented batches)."""
     torch.manual_seed(0)
-    return make_teacher(digits.input_shape, digits.num_classes).eval().requires_grad_(False)
+    network = make_teacher("digits", digits.input_shape, digits.num_classes)
+    return TeacherTargets(network.eval().requires_grad_(False), None)
 
 
 def fresh_student(digits: Splits, seed: int = 0):
     torch.manual_seed(seed)
-    return make_student(digits.input_shape, digits.num_classes)
+    return make_student("digits", digits.input_shape, digits.num_classes)
+
+
+def first_batch(digits: Splits, size: int = 16):
+    return digits.x_train[:size], digits.y_train[:size], torch.arange(size)
 
 
 def test_parse_method_knows_the_methods_and_the_sweep():
     assert parse_method("mokd-exact") is METHODS["mokd-exact"]
     swept = parse_method("kd-fixed-w0.25")
     assert (swept.distill_weight, swept.projector, swept.balance) == (0.25, "subspace", None)
-    for bad in ("kd-fixed-w", "kd-fixed-w-1", "kd-fixed-w1e3", "mokd"):
+    hinton = parse_method("hinton-kd-w3")
+    assert (hinton.distill_weight, hinton.projector, hinton.teacher) == (3.0, None, True)
+    assert (
+        parse_method("upgrad").weighting == "upgrad" and parse_method("upgrad").balance == "exact"
+    )
+    for bad in ("kd-fixed-w", "kd-fixed-w-1", "kd-fixed-w1e3", "mokd", "upgrad-w2"):
         with pytest.raises(ValueError, match="unknown method"):
             parse_method(bad)
     with pytest.raises(ValueError, match="must be > 0"):
@@ -98,9 +110,9 @@ def test_same_seed_gives_the_same_student_and_projector_for_every_method(digits,
 def test_distill_objectives_are_the_papers_grouping(digits, teacher):
     student = fresh_student(digits)
     objectives, _ = build(METHODS["kd-fixed"], student, teacher, SETTINGS)
-    x, y = digits.x_train[:16], digits.y_train[:16]
-    distill, task = objectives(student(x), x, y)
-    target = teacher(x)
+    x, y, index = first_batch(digits)
+    distill, task = objectives(student(x), x, y, index)
+    target = teacher.teacher(x)
     output = student(x)
     log_q = F.log_softmax(output.logits / 2, dim=1)
     log_p = F.log_softmax(target.logits / 2, dim=1)
@@ -116,9 +128,9 @@ def test_fixed_sum_steps_on_the_weighted_gradient(digits, teacher, name, log):
     objectives, update = build(parse_method(name), student, teacher, SETTINGS)
     assert update.log == log
     update.optimizer = torch.optim.SGD(update.optimizer.param_groups[0]["params"], lr=0.1)
-    x, y = digits.x_train[:16], digits.y_train[:16]
+    x, y, index = first_batch(digits)
     output = student(x)
-    losses = objectives(output, x, y)
+    losses = objectives(output, x, y, index)
     weight = parse_method(name).distill_weight
     # log: w ∇L_d / L_d + ∇L_t / L_t
     weights = [weight / losses[0].item(), 1 / losses[1].item()] if log else [weight, 1.0]
@@ -137,9 +149,9 @@ def test_mokd_representation_balances_at_the_features_both_losses_read(
     objectives, update = build(METHODS["mokd-representation"], student, teacher, SETTINGS)
     assert isinstance(update, Balanced) and update.optimizer.mode == "representation"
     assert not update.optimizer.normalize
-    x, y = digits.x_train[:16], digits.y_train[:16]
+    x, y, index = first_batch(digits)
     output = student(x)
-    losses = objectives(output, x, y)
+    losses = objectives(output, x, y, index)
     representation = shared_representation(output)
     assert representation is output.features
     # Both losses reach the features: the feature term directly, KL and CE through the head.
@@ -196,7 +208,7 @@ class Spy:
         self.inputs: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
-    def __call__(self, output, inputs, labels):
+    def __call__(self, output, inputs, labels, index):
         self.inputs.append(inputs)
         self.labels.append(labels)
         return [F.cross_entropy(output.logits, labels)]
@@ -268,17 +280,94 @@ def test_teacher_is_cached_and_retrained_when_its_settings_change(digits, tmp_pa
 
 
 def test_summary_and_table():
+    conflicts = {"conflict": {"step": [0, 1, 2, 3], "value": [0.5, -0.1, 0.2, -0.3]}}
     runs = {
-        "student": [History([0.5, 0.6], {}, 1.0), History([0.5, 0.7], {}, 3.0)],
-        "mokd-exact": [History([0.6, 0.8], {}, 2.0), History([0.6, 0.8], {}, 2.0)],
+        "student": [History([0.5, 0.6], 40, {}, 1.0), History([0.5, 0.7], 30, {}, 3.0)],
+        "mokd-exact": [History([0.6, 0.8], 20, conflicts, 2.0), History([0.6, 0.8], 20, {}, 2.0)],
     }
-    header = {"dataset": "digits", "seeds": [0, 1], "epochs": 2}
+    header = {"dataset": "digits", "seeds": [0, 1], "epochs": 2, "teacher_errors": 10}
     results = summarize(runs, header, teacher_accuracy=0.9)
     student = results["methods"]["student"]
     assert student["accuracies"] == [0.6, 0.7]
     assert student["accuracy_mean"] == pytest.approx(0.65)
     assert student["accuracy_std"] == pytest.approx(0.0707107, abs=1e-6)
-    assert student["seconds_mean"] == 2.0
+    assert (student["errors"], student["errors_mean"]) == ([40, 30], 35)
+    assert student["errors_std"] == pytest.approx(7.0710678)
+    assert student["seconds_mean"] == 2.0 and "conflict_share" not in student
+    assert results["methods"]["mokd-exact"]["conflict_share"] == 0.5  # of the runs that record it
     table = format_table(results).splitlines()
-    assert table[0] == "digits: teacher 0.900, 2 seed(s) x 2 epochs"
-    assert table[3].split()[:5] == ["mokd-exact", "0.800", "±", "0.000", "+0.150"]
+    assert table[0] == "digits: teacher 0.9000 (10 errors), 2 seed(s) x 2 epochs"
+    row = table[3].split()
+    assert row[:5] == ["mokd-exact", "0.8000", "±", "0.0000", "+0.1500"]
+    assert row[5:9] == ["20.0", "±", "0.0", "50.0%"] and row[-2:] == ["20", "20"]
+
+
+def test_precomputed_teacher_targets_equal_the_teacher_on_the_batch(digits, teacher):
+    table = TeacherTargets(teacher.teacher, digits.x_train)
+    index = torch.tensor([5, 0, 17, 3])
+    looked_up = table(torch.empty(0), index)
+    live = teacher(digits.x_train[index], index)
+    torch.testing.assert_close(looked_up.logits, live.logits)
+    torch.testing.assert_close(looked_up.features, live.features)
+
+
+def test_hinton_kd_is_the_logits_only_pair_with_the_t_squared_kl(digits, teacher):
+    student = fresh_student(digits)
+    objectives, update = build(METHODS["hinton-kd"], student, teacher, SETTINGS)
+    assert objectives.projector is None and update.weights == [9.0, 1.0]
+    assert update.optimizer.param_groups[0]["params"] == list(student.parameters())
+    x, y, index = first_batch(digits)
+    output = student(x)
+    distill, task = objectives(output, x, y, index)
+    log_q = F.log_softmax(output.logits / 2, dim=1)
+    log_p = F.log_softmax(teacher.teacher(x).logits / 2, dim=1)
+    torch.testing.assert_close(
+        distill, 4 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    )
+    torch.testing.assert_close(task, F.cross_entropy(output.logits, y))
+
+
+@pytest.mark.parametrize("name", ["upgrad", "pcgrad", "imtl-g", "aligned-mtl", "dualproj"])
+def test_torchjd_baselines_are_exact_mode_with_torchjd_weightings(digits, teacher, name):
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    student = fresh_student(digits)
+    objectives, update = build(METHODS[name], student, teacher, SETTINGS)
+    assert isinstance(objectives.projector, IndefiniteSubspaceProjector)
+    optimizer = update.optimizer
+    assert optimizer.mode == "exact"
+    weighting = optimizer.balancer._mode.weighting
+    assert isinstance(weighting, aggregation.Weighting)
+    x, y, index = first_batch(digits)
+    output = student(x)
+    stats = update(objectives(output, x, y, index), output)
+    torch.manual_seed(0)
+    expected = type(weighting)()(stats["gram"])
+    torch.testing.assert_close(stats["weights"], expected)
+
+
+def test_label_noise_moves_the_asked_share_of_labels_to_other_classes(digits):
+    noisy = with_label_noise(digits, 0.25)
+    changed = noisy.y_train != digits.y_train
+    assert changed.sum() == round(0.25 * len(digits.y_train))
+    assert torch.equal(noisy.x_train, digits.x_train) and torch.equal(noisy.y_test, digits.y_test)
+    assert torch.equal(with_label_noise(digits, 0.25).y_train, noisy.y_train)  # fixed seed
+    assert with_label_noise(digits, 0.0) is digits
+
+
+def test_parallel_jobs_give_the_results_of_one_process(tmp_path):
+    config = DistillConfig(
+        dataset="digits",
+        methods=("student", "mokd-exact"),
+        seeds=2,
+        epochs=1,
+        teacher_epochs=1,
+        batch_size=64,
+        train_size=128,
+        test_size=60,
+        progress=False,
+    )
+    one = run_distill(dataclasses.replace(config, out=tmp_path / "one", jobs=1), "one")
+    two = run_distill(dataclasses.replace(config, out=tmp_path / "two", jobs=2), "two")
+    for name in config.methods:
+        for key in ("accuracies", "errors"):
+            assert one.results["methods"][name][key] == two.results["methods"][name][key]

@@ -16,7 +16,8 @@ Then times one training step (forward, losses, balanced backward, AdamW step) of
 ``mokd-representation`` and ``kd-fixed`` (one ordinary backward) on one batch, side by side: the
 median of interleaved repeats (``timing.interleaved_medians``), as ratios.
 
-    python benchmarks/representation_pi.py [--epochs 40] [--seed 0] [--repeats 100] [--out FILE]
+    python benchmarks/studies/representation_pi.py [--epochs 40] [--seed 0] [--repeats 100]
+                                                   [--out FILE]
 
 The teacher comes from ``--teacher-cache`` (default: the one ``gradbalance distill`` caches in
 runs/mnist1d), trained there first when missing. Run with ``OMP_NUM_THREADS=1`` (``--threads``
@@ -27,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from timing import interleaved_medians
 
 from gradbalance.experiments.augment import default_augmentation
 from gradbalance.experiments.config import DistillConfig
@@ -40,6 +41,7 @@ from gradbalance.experiments.methods import (
     METHODS,
     Balanced,
     MethodSettings,
+    TeacherTargets,
     build,
     shared_representation,
 )
@@ -48,7 +50,11 @@ from gradbalance.experiments.teacher import load_or_train_teacher, teacher_sched
 from gradbalance.experiments.training import TrainConfig, train
 from gradbalance.weighting import min_norm_weights
 
-DEFAULTS = DistillConfig()
+# The timing helper of the scripts, benchmarks/scripts/timing.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from timing import interleaved_medians
+
+DEFAULTS = DistillConfig().resolved()
 TIMED = ("mokd-exact", "mokd-representation", "kd-fixed")
 
 
@@ -90,7 +96,9 @@ def settings() -> MethodSettings:
 def student_for(splits: Splits, seed: int) -> FeatureClassifier:
     """The student ``gradbalance distill`` trains for ``seed`` (the same initialisation)."""
     torch.manual_seed(seed)
-    return make_student(splits.input_shape, splits.num_classes).to(DEFAULTS.device)
+    return make_student(DEFAULTS.dataset, splits.input_shape, splits.num_classes).to(
+        DEFAULTS.device
+    )
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -147,11 +155,13 @@ def step_times(
 
     def step_of(name: str):
         student = student_for(splits, seed)
-        objectives, update = build(METHODS[name], student, teacher, settings())
+        objectives, update = build(
+            METHODS[name], student, TeacherTargets(teacher, None), settings()
+        )
 
         def step() -> None:
             output = student(inputs)
-            update(objectives(output, inputs, labels), output)
+            update(objectives(output, inputs, labels, index), output)
 
         return step
 
@@ -184,14 +194,15 @@ def main() -> None:
         splits, teacher_schedule(DEFAULTS.teacher_epochs), augmentation, args.teacher_cache
     )
     student = student_for(splits, args.seed)
-    objectives, update = build(METHODS["mokd-exact"], student, teacher, settings())
+    targets = TeacherTargets(teacher, None)
+    objectives, update = build(METHODS["mokd-exact"], student, targets, settings())
     observed = Observed(update)
     schedule = TrainConfig(args.epochs, DEFAULTS.batch_size, DEFAULTS.lr, DEFAULTS.weight_decay)
     history = train(student, objectives, observed, splits, schedule, args.seed, augmentation)
     exact = torch.stack(observed.exact)[:, 0]
     representation = torch.stack(observed.representation)[:, 0]
     results = {
-        "command": "python benchmarks/representation_pi.py "
+        "command": "python benchmarks/studies/representation_pi.py "
         f"--epochs {args.epochs} --seed {args.seed} --repeats {args.repeats}",
         "torch": torch.__version__,
         "threads": args.threads,

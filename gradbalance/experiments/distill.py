@@ -2,14 +2,19 @@
 
 Each seed fixes the student's initialisation (and the projector's), the batch order and the
 augmentation, identically for every method; all methods train for the same epochs with the same
-optimizer settings. The reported accuracy is the test accuracy after the last epoch.
+optimizer settings. The reported accuracy and errors are those on the test set after the last
+epoch. Runs (method × seed) are independent, so ``jobs`` processes train them side by side; each
+run seeds itself, so the results do not depend on ``jobs``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,21 +22,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gradbalance.experiments.augment import default_augmentation
+from gradbalance.experiments.augment import default_augmentation, teacher_augmentation
 from gradbalance.experiments.config import DistillConfig
-from gradbalance.experiments.data import Splits, load_dataset
-from gradbalance.experiments.methods import MethodSettings, build, parse_method
+from gradbalance.experiments.data import Splits, load_dataset, with_label_noise
+from gradbalance.experiments.methods import MethodSettings, TeacherTargets, build, parse_method
 from gradbalance.experiments.models import FeatureClassifier, make_student
 from gradbalance.experiments.plots import write_plots
 from gradbalance.experiments.report import history_document, summarize, write_json
-from gradbalance.experiments.teacher import (
-    load_or_train_teacher,
-    teacher_accuracy,
-    teacher_schedule,
-)
-from gradbalance.experiments.training import History, TrainConfig, train
+from gradbalance.experiments.teacher import load_or_train_teacher, teacher_schedule
+from gradbalance.experiments.training import History, TrainConfig, errors, train
 
 __all__ = ["Outcome", "run_distill"]
+
+_MAX_DEFAULT_JOBS = 8
 
 
 @dataclass(frozen=True)
@@ -46,23 +49,28 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
     """Run the experiment of ``config`` and write ``results.json``, ``history.json`` and plots.
 
     Args:
-        config: the experiment.
+        config: the experiment (``None`` fields take the dataset's defaults).
         command: the command line that started it, stored in ``results.json``.
     """
     start = time.perf_counter()
-    splits = _load(config)
+    config = config.resolved()
     config.out.mkdir(parents=True, exist_ok=True)
+    splits = _load(config)
     teacher, cached = _teacher(config, splits)
-    histories = _train_methods(config, splits, teacher)
+    runs = [(name, seed) for seed in range(config.seeds) for name in config.methods]
+    histories = _train_runs(config, runs, splits, teacher)
+    teacher_errors = errors(teacher, splits.x_test, splits.y_test)
     header = {
         "dataset": config.dataset,
         "command": command,
         "seeds": list(range(config.seeds)),
         "epochs": config.epochs,
+        "test_size": len(splits.y_test),
         "teacher_cached": cached,
+        "teacher_errors": teacher_errors,
         "config": _jsonable(config),
     }
-    results = summarize(histories, header, teacher_accuracy(teacher, splits))
+    results = summarize(histories, header, 1 - teacher_errors / len(splits.y_test))
     results["wall_time_s"] = time.perf_counter() - start
     history = history_document(histories)
     files = [config.out / "results.json", config.out / "history.json"]
@@ -77,14 +85,17 @@ def _load(config: DistillConfig) -> Splits:
     return splits.subset(config.train_size, config.test_size).to(config.device)
 
 
+def _teacher_cache(config: DistillConfig) -> Path:
+    return config.out / f"teacher-{config.dataset}.pt"
+
+
 def _teacher(config: DistillConfig, splits: Splits) -> tuple[FeatureClassifier, bool]:
-    schedule = teacher_schedule(config.teacher_epochs)
     with _bar(config, config.teacher_epochs, "teacher") as bar:
         teacher, cached = load_or_train_teacher(
             splits,
-            schedule,
-            default_augmentation(config.dataset),
-            config.out / f"teacher-{config.dataset}.pt",
+            teacher_schedule(config.teacher_epochs),
+            teacher_augmentation(config.dataset),
+            _teacher_cache(config),
             on_epoch=lambda _, accuracy: _advance(bar, accuracy),
         )
         if cached:
@@ -92,41 +103,95 @@ def _teacher(config: DistillConfig, splits: Splits) -> tuple[FeatureClassifier, 
     return teacher, cached
 
 
-def _train_methods(
-    config: DistillConfig, splits: Splits, teacher: FeatureClassifier
+class _Trainer:
+    """Trains one (method, seed) run at a time on the students' data (``splits`` with the label
+    noise) against ``teacher``."""
+
+    def __init__(self, config: DistillConfig, splits: Splits, teacher: FeatureClassifier) -> None:
+        self.config = config
+        self.augmentation = default_augmentation(config.dataset)
+        self.splits = with_label_noise(splits, config.label_noise)  # the teacher's were clean
+        unaugmented = self.augmentation is None
+        self.targets = TeacherTargets(teacher, self.splits.x_train if unaugmented else None)
+
+    def __call__(self, name: str, seed: int) -> History:
+        config, splits = self.config, self.splits
+        torch.manual_seed(seed)
+        student = make_student(
+            config.dataset, splits.input_shape, splits.num_classes, config.student_width
+        ).to(config.device)
+        settings = MethodSettings(
+            config.lr, config.weight_decay, config.temperature, config.stats_every, config.normalize
+        )
+        objectives, update = build(parse_method(name), student, self.targets, settings)
+        schedule = TrainConfig(config.epochs, config.batch_size, config.lr, config.weight_decay)
+        return train(student, objectives, update, splits, schedule, seed, self.augmentation)
+
+
+_worker: _Trainer | None = None  # the trainer of a worker process
+
+
+def _start_worker(config: DistillConfig) -> None:
+    """A worker's trainer, with the data loaded again and the teacher from its cache."""
+    global _worker
+    torch.set_num_threads(config.threads)
+    quiet = dataclasses.replace(config, progress=False)
+    splits = _load(quiet)
+    _worker = _Trainer(quiet, splits, _teacher(quiet, splits)[0])
+
+
+def _run_in_worker(name: str, seed: int) -> History:
+    assert _worker is not None, "the worker's initializer did not run"
+    return _worker(name, seed)
+
+
+def _train_runs(
+    config: DistillConfig,
+    runs: Sequence[tuple[str, int]],
+    splits: Splits,
+    teacher: FeatureClassifier,
 ) -> dict[str, list[History]]:
-    """Every method for every seed; the seed loop is outside, so partial runs cover all methods."""
-    methods = [parse_method(name) for name in config.methods]
-    schedule = TrainConfig(config.epochs, config.batch_size, config.lr, config.weight_decay)
-    settings = MethodSettings(
-        config.lr, config.weight_decay, config.temperature, config.stats_every, config.normalize
-    )
-    augmentation = default_augmentation(config.dataset)
-    histories: dict[str, list[History]] = {method.name: [] for method in methods}
-    total = config.seeds * len(methods) * config.epochs
-    with _bar(config, total, "distill") as bar:
-        for seed in range(config.seeds):
-            for method in methods:
-                bar.set_description(f"{method.name} seed {seed}")
-                torch.manual_seed(seed)
-                student = make_student(splits.input_shape, splits.num_classes).to(config.device)
-                objectives, update = build(method, student, teacher, settings)
-                history = train(
-                    student,
-                    objectives,
-                    update,
-                    splits,
-                    schedule,
-                    seed,
-                    augmentation,
-                    on_epoch=lambda _, accuracy: _advance(bar, accuracy),
-                )
-                histories[method.name].append(history)
-    return histories
+    """Every run, here or in ``jobs`` processes; histories by method, in seed order."""
+    finished: dict[tuple[str, int], History] = {}
+    with _bar(config, len(runs), "distill", unit="run") as bar:
+        for (name, seed), history in _finished_runs(config, runs, splits, teacher):
+            finished[name, seed] = history
+            bar.set_postfix(last=f"{name} seed {seed}: {history.final_accuracy:.4f}", refresh=False)
+            bar.update()
+    return {name: [finished[name, seed] for seed in range(config.seeds)] for name in config.methods}
 
 
-def _bar(config: DistillConfig, total: int, description: str) -> tqdm:
-    return tqdm(total=total, desc=description, unit="epoch", disable=not config.progress)
+def _finished_runs(
+    config: DistillConfig,
+    runs: Sequence[tuple[str, int]],
+    splits: Splits,
+    teacher: FeatureClassifier,
+) -> Iterator[tuple[tuple[str, int], History]]:
+    jobs = min(_jobs(config), len(runs))
+    if jobs == 1:
+        trainer = _Trainer(config, splits, teacher)
+        for run in runs:
+            yield run, trainer(*run)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_start_worker, initargs=(config,)
+    ) as pool:
+        futures = {pool.submit(_run_in_worker, *run): run for run in runs}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _jobs(config: DistillConfig) -> int:
+    if config.jobs is not None:
+        return config.jobs
+    if torch.device(config.device).type == "cuda":
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) // config.threads, _MAX_DEFAULT_JOBS))
+
+
+def _bar(config: DistillConfig, total: int, description: str, unit: str = "epoch") -> tqdm:
+    return tqdm(total=total, desc=description, unit=unit, disable=not config.progress)
 
 
 def _advance(bar: tqdm, accuracy: float) -> None:

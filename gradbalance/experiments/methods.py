@@ -3,15 +3,19 @@
 Every method trains the same student with the same loop
 (:func:`gradbalance.experiments.training.train`); a :class:`Method` only chooses
 
-* the objectives: cross-entropy alone (``student``), or the paper's k = 2 grouping
+* the objectives: cross-entropy alone (``student``); Hinton et al.'s k = 2 pair
+  ``[L_kl, L_ce]`` (logits only, ``L_kl = T² · KL``); or the paper's k = 2 grouping
   ``[L_kl + L_feat, L_ce]`` with a feature projector (:mod:`gradbalance.losses`);
 * the update: a fixed weighted sum (of the losses or of their logarithms) stepped by AdamW, or
   :class:`gradbalance.MultiObjectiveOptimizer` around the same AdamW (in representation mode with
-  the student's features, :func:`shared_representation`, as the representation).
+  the student's features, :func:`shared_representation`, as the representation), with MoKD's
+  exact π or another weighting of the Gram matrix — torchjd's UPGrad, PCGrad, IMTL-G,
+  Aligned-MTL, DualProj — on the same log-loss gradients, so that only the rule for π differs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -22,17 +26,21 @@ from torch import nn
 
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
 from gradbalance.experiments.models import FeatureClassifier, Output
+from gradbalance.experiments.training import predict
 from gradbalance.losses import classification_losses
 
 __all__ = [
     "DEFAULT_METHODS",
     "METHODS",
+    "MNIST_METHODS",
+    "TORCHJD_WEIGHTINGS",
     "Balanced",
     "DistillObjectives",
     "FixedSum",
     "Method",
     "MethodSettings",
     "TaskObjective",
+    "TeacherTargets",
     "build",
     "parse_method",
     "shared_representation",
@@ -48,41 +56,81 @@ class Method:
 
     Attributes:
         name: as on the command line and in ``results.json``.
-        projector: feature projector of the distillation objective; ``None`` trains on the
-            labels alone (no teacher).
+        teacher: whether the student learns from the teacher (False: the labels alone).
+        projector: feature projector of the distillation objective (``L_kl + L_feat``);
+            ``None``: the logits only (``L_kl``, Hinton et al. 2015).
         distill_weight: w in the fixed sum ``w · L_distill + L_task``.
         log_losses: sum the logarithms instead, ``w · log L_distill + log L_task``: the gradient
             ``w ∇L_distill / L_distill + ∇L_task / L_task`` is MoKD's un-normalised direction
             with π fixed, an ablation of the balancing.
         balance: mode of :class:`~gradbalance.MultiObjectiveOptimizer`; ``None`` for the fixed sum.
+        weighting: a key of :data:`TORCHJD_WEIGHTINGS`: the optimizer's ``weighting=`` (exact
+            mode); ``None``: MoKD's exact min-norm π.
     """
 
     name: str
+    teacher: bool = True
     projector: ProjectorKind | None = None
     distill_weight: float = 1.0
     log_losses: bool = False
     balance: Balance | None = None
+    weighting: str | None = None
+
+
+# Method name → torchjd.aggregation Weighting class (torchjd is an optional extra).
+TORCHJD_WEIGHTINGS = {
+    "upgrad": "UPGradWeighting",
+    "pcgrad": "PCGradWeighting",
+    "imtl-g": "IMTLGWeighting",
+    "aligned-mtl": "AlignedMTLWeighting",
+    "dualproj": "DualProjWeighting",
+}
+# Hinton et al.'s fixed weighting: a lower weight on the hard targets, 0.9 · T²·KL + 0.1 · CE —
+# under Adam(W) only the ratio of the weights matters, so 9 · L_kl + L_ce.
+HINTON_WEIGHT = 9.0
 
 
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("student"),
+        Method("student", teacher=False),
+        Method("hinton-kd", distill_weight=HINTON_WEIGHT),
         Method("kd-fixed", projector="subspace"),
         Method("kd-log", projector="subspace", log_losses=True),
         Method("vkd", projector="vkd"),
         Method("mokd-exact", projector="subspace", balance="exact"),
+        Method("mokd-logits", balance="exact"),
         Method("mokd-amortized", projector="subspace", balance="amortized"),
         Method("mokd-affine", projector="subspace", balance="affine"),
         Method("mokd-representation", projector="subspace", balance="representation"),
+        *(
+            Method(name, projector="subspace", balance="exact", weighting=name)
+            for name in TORCHJD_WEIGHTINGS
+        ),
     )
 }
 DEFAULT_METHODS = ("student", "kd-fixed", "vkd", "mokd-exact", "mokd-amortized")
-_SWEEP = re.compile(r"kd-fixed-w(?P<weight>\d+(\.\d+)?)")
+# Hinton et al. (2015) §3 and its fixed-weight sweep, then the balancers on the same losses.
+MNIST_METHODS = (
+    "student",
+    "hinton-kd",
+    "hinton-kd-w1",
+    "hinton-kd-w81",
+    "mokd-logits",
+    "vkd",
+    "mokd-exact",
+    "mokd-amortized",
+    "mokd-representation",
+    "upgrad",
+    "pcgrad",
+    "imtl-g",
+)
+_SWEEP = re.compile(r"(?P<base>kd-fixed|hinton-kd)-w(?P<weight>\d+(\.\d+)?)")
 
 
 def parse_method(name: str) -> Method:
-    """A method of :data:`METHODS`, or ``kd-fixed-w<W>``: ``kd-fixed`` with distill weight W.
+    """A method of :data:`METHODS`, or ``kd-fixed-w<W>`` / ``hinton-kd-w<W>``: that method with
+    distill weight W.
 
     Raises:
         ValueError: an unknown name, or a sweep weight that is not positive.
@@ -92,11 +140,14 @@ def parse_method(name: str) -> Method:
     match = _SWEEP.fullmatch(name)
     if match is None:
         choices = ", ".join(METHODS)
-        raise ValueError(f"unknown method {name!r}; choose from {choices} or kd-fixed-w<weight>")
+        raise ValueError(
+            f"unknown method {name!r}; choose from {choices}, kd-fixed-w<weight> or "
+            "hinton-kd-w<weight>"
+        )
     weight = float(match["weight"])
     if weight <= 0:
         raise ValueError(f"{name}: the distill weight must be > 0")
-    return Method(name, projector="subspace", distill_weight=weight)
+    return dataclasses.replace(METHODS[match["base"]], name=name, distill_weight=weight)
 
 
 @dataclass(frozen=True)
@@ -122,32 +173,54 @@ class TaskObjective:
     """k = 1: cross-entropy with the labels."""
 
     def __call__(
-        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor
+        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> list[torch.Tensor]:
         return [F.cross_entropy(output.logits, labels)]
 
 
-class DistillObjectives:
-    """k = 2: ``[L_kl + L_feat, L_ce]`` against the frozen teacher run on the same inputs."""
+class TeacherTargets:
+    """The frozen teacher's output on a training batch.
 
-    def __init__(self, teacher: FeatureClassifier, projector: nn.Module, temperature: float):
+    With ``train_inputs`` (batches that are not augmented) the teacher runs once on the whole
+    training set and a batch's targets are looked up by its ``index``; without, it runs on each
+    (augmented) batch.
+    """
+
+    def __init__(self, teacher: FeatureClassifier, train_inputs: torch.Tensor | None) -> None:
         self.teacher = teacher
+        self.table = None if train_inputs is None else predict(teacher, train_inputs)
+
+    def __call__(self, inputs: torch.Tensor, index: torch.Tensor) -> Output:
+        if self.table is not None:
+            return Output(self.table.features[index], self.table.logits[index])
+        with torch.no_grad():
+            return self.teacher(inputs)
+
+
+class DistillObjectives:
+    """k = 2: ``[L_kl + L_feat, L_ce]`` (``[L_kl, L_ce]`` without a projector) against the frozen
+    teacher's output on the same inputs."""
+
+    def __init__(
+        self, targets: TeacherTargets, projector: nn.Module | None, temperature: float
+    ) -> None:
+        self.targets = targets
         self.projector = projector
         self.temperature = temperature
 
     def __call__(
-        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor
+        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> list[torch.Tensor]:
-        with torch.no_grad():
-            target = self.teacher(inputs)
+        target = self.targets(inputs, index)
+        features = {}
+        if self.projector is not None:
+            features = dict(
+                projector=self.projector,
+                student_features=output.features,
+                teacher_features=target.features,
+            )
         losses = classification_losses(
-            output.logits,
-            labels,
-            target.logits,
-            projector=self.projector,
-            student_features=output.features,
-            teacher_features=target.features,
-            temperature=self.temperature,
+            output.logits, labels, target.logits, temperature=self.temperature, **features
         )
         return losses.objectives("paper")
 
@@ -199,7 +272,7 @@ class Balanced:
 def build(
     method: Method,
     student: FeatureClassifier,
-    teacher: FeatureClassifier,
+    targets: TeacherTargets,
     settings: MethodSettings,
 ) -> tuple[TaskObjective | DistillObjectives, FixedSum | Balanced]:
     """The objectives and the update of ``method`` for ``student``.
@@ -208,12 +281,16 @@ def build(
     trained together with it by the same optimizer.
     """
     adamw = {"lr": settings.lr, "weight_decay": settings.weight_decay}
-    if method.projector is None:
+    if not method.teacher:
         return TaskObjective(), FixedSum(torch.optim.AdamW(student.parameters(), **adamw), [1.0])
-    projector = _make_projector(method.projector, teacher.feature_dim, student.feature_dim)
-    projector = projector.to(next(student.parameters()).device)
-    objectives = DistillObjectives(teacher, projector, settings.temperature)
-    params = [*student.parameters(), *projector.parameters()]
+    params = list(student.parameters())
+    projector = None
+    if method.projector is not None:
+        projector = _make_projector(
+            method.projector, targets.teacher.feature_dim, student.feature_dim
+        ).to(params[0].device)
+        params += projector.parameters()
+    objectives = DistillObjectives(targets, projector, settings.temperature)
     if method.balance is None:
         weights = [method.distill_weight, 1.0]
         update = FixedSum(torch.optim.AdamW(params, **adamw), weights, log=method.log_losses)
@@ -225,9 +302,17 @@ def build(
         normalize=settings.normalize,
         stats_every=stats_every,
         vectorize=True,  # fixed, not timed: reruns reproduce results.json bit for bit
+        weighting=None if method.weighting is None else torchjd_weighting(method.weighting),
         **adamw,
     )
     return objectives, Balanced(optimizer)
+
+
+def torchjd_weighting(name: str) -> nn.Module:
+    """A fresh ``torchjd.aggregation`` Weighting for a key of :data:`TORCHJD_WEIGHTINGS`."""
+    import torchjd.aggregation  # the torchjd extra
+
+    return getattr(torchjd.aggregation, TORCHJD_WEIGHTINGS[name])()
 
 
 def _make_projector(kind: ProjectorKind, teacher_dim: int, student_dim: int) -> nn.Module:

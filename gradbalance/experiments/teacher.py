@@ -34,7 +34,9 @@ def teacher_schedule(epochs: int) -> TrainConfig:
     return TrainConfig(epochs, batch_size=128, lr=3e-3, weight_decay=0.05)
 
 
-def cache_key(splits: Splits, config: TrainConfig, augmentation: Augmentation) -> dict[str, Any]:
+def cache_key(
+    splits: Splits, config: TrainConfig, augmentation: Augmentation | None
+) -> dict[str, Any]:
     """Everything the teacher's weights depend on; a cache with another key is retrained."""
     return {
         "dataset": splits.name,
@@ -43,7 +45,7 @@ def cache_key(splits: Splits, config: TrainConfig, augmentation: Augmentation) -
         "input_shape": list(splits.input_shape),
         "num_classes": splits.num_classes,
         "config": dataclasses.asdict(config),
-        "augmentation": dataclasses.asdict(augmentation),
+        "augmentation": None if augmentation is None else dataclasses.asdict(augmentation),
         "seed": TEACHER_SEED,
         "architecture": _ARCHITECTURE_VERSION,
     }
@@ -59,7 +61,7 @@ def _fingerprint(splits: Splits) -> str:
 def load_or_train_teacher(
     splits: Splits,
     config: TrainConfig,
-    augmentation: Augmentation,
+    augmentation: Augmentation | None,
     cache: Path,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[FeatureClassifier, bool]:
@@ -72,7 +74,7 @@ def load_or_train_teacher(
     device = splits.x_train.device
     key = cache_key(splits, config, augmentation)
     torch.manual_seed(TEACHER_SEED)
-    teacher = make_teacher(splits.input_shape, splits.num_classes).to(device)
+    teacher = make_teacher(splits.name, splits.input_shape, splits.num_classes).to(device)
     saved = torch.load(cache, map_location=device, weights_only=True) if cache.is_file() else None
     cached = saved is not None and saved["key"] == key
     if cached:
@@ -94,7 +96,7 @@ def _fit(
     teacher: FeatureClassifier,
     splits: Splits,
     config: TrainConfig,
-    augmentation: Augmentation,
+    augmentation: Augmentation | None,
     on_epoch: EpochCallback | None,
 ) -> None:
     optimizer = torch.optim.AdamW(

@@ -25,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "Update",
     "accuracy",
+    "errors",
     "predict",
     "step_statistics",
     "train",
@@ -35,10 +36,11 @@ _AUGMENT_SEED_OFFSET = 2**32  # keeps the augmentation streams apart from the or
 
 
 class Objectives(Protocol):
-    """The k losses of one batch: ``(student output, inputs, labels) → [L_1 .. L_k]``."""
+    """The k losses of one batch: ``(student output, inputs, labels, index) → [L_1 .. L_k]``;
+    ``index`` holds the batch's positions in the training set."""
 
     def __call__(
-        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor
+        self, output: Output, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> list[torch.Tensor]: ...
 
 
@@ -67,13 +69,15 @@ class TrainConfig:
 
 @dataclass
 class History:
-    """Test accuracy after every epoch, per-step statistics, and the run's wall time.
+    """Test accuracy after every epoch, the test errors after the last, per-step statistics,
+    and the run's wall time.
 
     ``steps`` maps a statistic of :func:`step_statistics` to ``{"step": [...], "value": [...]}``:
     the optimizer steps (from 0) at which it was available, and its values there.
     """
 
     test_accuracy: list[float] = field(default_factory=list)
+    test_errors: int = 0
     steps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -126,12 +130,13 @@ def train(
             if augmentation is not None:
                 inputs = augmentation(inputs, augment_generator)
             output = model(inputs)
-            losses = objectives(output, inputs, splits.y_train[index])
+            losses = objectives(output, inputs, splits.y_train[index], index)
             stats = update(losses, output)
             scheduler.step()
             _record(recorded, step_statistics(losses, stats), step)
             step += 1
-        history.test_accuracy.append(accuracy(model, splits.x_test, splits.y_test))
+        history.test_errors = errors(model, splits.x_test, splits.y_test)
+        history.test_accuracy.append(1 - history.test_errors / len(splits.y_test))
         if on_epoch is not None:
             on_epoch(epoch, history.test_accuracy[-1])
     history.seconds = time.perf_counter() - start
@@ -186,7 +191,12 @@ def predict(model: FeatureClassifier, inputs: torch.Tensor) -> Output:
     )
 
 
+def errors(model: FeatureClassifier, inputs: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many of ``inputs`` ``model`` misclassifies (top-1)."""
+    logits = predict(model, inputs).logits
+    return int((logits.argmax(dim=1) != labels).sum())
+
+
 def accuracy(model: FeatureClassifier, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of ``model`` on ``inputs``."""
-    logits = predict(model, inputs).logits
-    return (logits.argmax(dim=1) == labels).double().mean().item()
+    return 1 - errors(model, inputs, labels) / len(labels)
