@@ -9,7 +9,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from test_data import write_cifar100
+from test_data import write_cifar100, write_mnist_idx
 
 from gradbalance import cli
 from gradbalance.cli import main
@@ -113,6 +113,25 @@ def test_cifar100_folder_runs_end_to_end(tmp_path, capsys):
     assert results["dataset"] == "cifar100"
     assert set(results["methods"]) == {"student", "mokd-exact"}
     assert "cifar100: teacher" in capsys.readouterr().out
+
+
+def test_mnist_idx_folder_runs_hintons_setting_end_to_end(tmp_path, capsys):
+    write_mnist_idx(tmp_path / "data", train=64, test=20)
+    out = tmp_path / "out"
+    argv = ["distill", "--dataset", "mnist", "--data-dir", str(tmp_path / "data")]
+    argv += ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
+    argv += ["--student-width", "16", "--jobs", "1", "--out", str(out)]
+    argv += ["--methods", "student", "hinton-kd", "mokd-exact", "pcgrad"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    assert (config["temperature"], config["weight_decay"], config["lr"]) == (20.0, 0.0, 1e-3)
+    assert (config["features"], config["batch_size"]) == (False, 256)
+    assert results["test_size"] == 20 and 0 <= results["teacher_errors"] <= 20
+    for summary in results["methods"].values():
+        assert len(summary["errors"]) == 1 and 0 <= summary["errors"][0] <= 20
+    assert "conflict_share" in results["methods"]["mokd-exact"]
+    assert "mnist: teacher" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

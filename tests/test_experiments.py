@@ -32,6 +32,16 @@ from gradbalance.experiments.training import History, TrainConfig, train
 from gradbalance.weighting import min_norm_weights
 
 SETTINGS = MethodSettings(lr=1e-3, weight_decay=0.0, temperature=2.0, stats_every=3)
+# A few seconds of gradbalance distill, in this process.
+TINY_DIGITS = DistillConfig(
+    dataset="digits",
+    teacher_epochs=1,
+    batch_size=64,
+    train_size=192,
+    test_size=60,
+    jobs=1,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +187,8 @@ def test_mokd_representation_balances_at_the_features_both_losses_read(
 
 
 def test_mokd_representation_trains_end_to_end(tmp_path):
-    config = DistillConfig(
-        dataset="digits",
-        methods=("mokd-representation",),
-        seeds=1,
-        epochs=4,
-        teacher_epochs=1,
-        batch_size=64,
-        train_size=192,
-        test_size=60,
-        out=tmp_path,
-        progress=False,
+    config = dataclasses.replace(
+        TINY_DIGITS, methods=("mokd-representation",), seeds=1, epochs=4, out=tmp_path
     )
     outcome = run_distill(config, "gradbalance distill --methods mokd-representation")
     summary = outcome.results["methods"]["mokd-representation"]
@@ -327,6 +328,19 @@ def test_hinton_kd_is_the_logits_only_pair_with_the_t_squared_kl(digits, teacher
     torch.testing.assert_close(task, F.cross_entropy(output.logits, y))
 
 
+def test_without_features_the_subspace_methods_distil_the_logits_and_vkd_keeps_its_own(
+    digits, teacher
+):
+    logits_only = dataclasses.replace(SETTINGS, features=False)
+    for name in ("kd-fixed", "mokd-exact", "mokd-amortized", "upgrad"):
+        student = fresh_student(digits)
+        objectives, update = build(METHODS[name], student, teacher, logits_only)
+        assert objectives.projector is None, name
+        assert update.optimizer.param_groups[0]["params"] == list(student.parameters())
+    objectives, _ = build(METHODS["vkd"], fresh_student(digits), teacher, logits_only)
+    assert isinstance(objectives.projector, VkDProjector)
+
+
 @pytest.mark.parametrize("name", ["upgrad", "pcgrad", "imtl-g", "aligned-mtl", "dualproj"])
 def test_torchjd_baselines_are_exact_mode_with_torchjd_weightings(digits, teacher, name):
     aggregation = pytest.importorskip("torchjd.aggregation")
@@ -355,16 +369,8 @@ def test_label_noise_moves_the_asked_share_of_labels_to_other_classes(digits):
 
 
 def test_parallel_jobs_give_the_results_of_one_process(tmp_path):
-    config = DistillConfig(
-        dataset="digits",
-        methods=("student", "mokd-exact"),
-        seeds=2,
-        epochs=1,
-        teacher_epochs=1,
-        batch_size=64,
-        train_size=128,
-        test_size=60,
-        progress=False,
+    config = dataclasses.replace(
+        TINY_DIGITS, methods=("student", "mokd-exact"), seeds=2, epochs=1, train_size=128
     )
     one = run_distill(dataclasses.replace(config, out=tmp_path / "one", jobs=1), "one")
     two = run_distill(dataclasses.replace(config, out=tmp_path / "two", jobs=2), "two")

@@ -117,13 +117,22 @@ class DatasetDefaults:
     methods: tuple[str, ...]
     epochs: int
     teacher_epochs: int
+    batch_size: int
     lr: float
     weight_decay: float
     temperature: float
+    features: bool
 
 
 _SMALL = DatasetDefaults(
-    DEFAULT_METHODS, epochs=40, teacher_epochs=30, lr=1e-2, weight_decay=0.05, temperature=1.0
+    DEFAULT_METHODS,
+    epochs=40,
+    teacher_epochs=30,
+    batch_size=128,
+    lr=1e-2,
+    weight_decay=0.05,
+    temperature=1.0,
+    features=True,
 )
 # MNIST: Hinton et al. (2015) §3 — an unregularised 784-800-800-10 student and T = 20.
 DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
@@ -131,10 +140,17 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "digits": _SMALL,
     "cifar100": _SMALL,
     "mnist": DatasetDefaults(
-        MNIST_METHODS, epochs=8, teacher_epochs=5, lr=1e-3, weight_decay=0.0, temperature=20.0
+        MNIST_METHODS,
+        epochs=6,
+        teacher_epochs=5,
+        batch_size=256,
+        lr=1e-3,
+        weight_decay=0.0,
+        temperature=20.0,
+        features=False,
     ),
 }
-_NORMALIZE = {"auto": None, "on": True, "off": False}
+_SWITCH = {"auto": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)
@@ -170,7 +186,7 @@ class DistillConfig:
     epochs: int | None = field(
         default=None,
         metadata=option(
-            "student epochs (default: mnist 8, others 40)", parse=at_least(1), metavar="E"
+            "student epochs (default: mnist 6, others 40)", parse=at_least(1), metavar="E"
         ),
     )
     teacher_epochs: int | None = field(
@@ -179,8 +195,11 @@ class DistillConfig:
             "teacher epochs (default: mnist 5, others 30)", parse=at_least(1), metavar="E"
         ),
     )
-    batch_size: int = field(
-        default=128, metadata=option("student batch size", parse=at_least(1), metavar="B")
+    batch_size: int | None = field(
+        default=None,
+        metadata=option(
+            "student batch size (default: mnist 256, others 128)", parse=at_least(1), metavar="B"
+        ),
     )
     lr: float | None = field(
         default=None,
@@ -204,6 +223,16 @@ class DistillConfig:
             "temperature T of the KL term, T² · KL (default: mnist 20, others 1)",
             parse=positive_float,
             metavar="T",
+        ),
+    )
+    features: bool | None = field(
+        default=None,
+        metadata=option(
+            "kd-fixed, kd-log, mokd-* and the torchjd baselines: add the subspace projector's "
+            "feature term to the distillation objective (off: the logits only, [T²·KL, CE]); "
+            "vkd always has its own; auto: off on mnist, as Hinton et al., on elsewhere",
+            choices=tuple(_SWITCH),
+            values=_SWITCH,
         ),
     )
     label_noise: float = field(
@@ -236,8 +265,8 @@ class DistillConfig:
         metadata=option(
             "mokd-*: divide the direction by Σ π_j / L_j (FAMO's scaling); auto: the optimizer's "
             "default, on for amortized, off for the others",
-            choices=tuple(_NORMALIZE),
-            values=_NORMALIZE,
+            choices=tuple(_SWITCH),
+            values=_SWITCH,
         ),
     )
     train_size: int | None = field(

@@ -256,7 +256,12 @@ def read_idx(path: Path) -> np.ndarray:
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f"{path}: {len(data)} bytes, but its header {shape} needs {expected}")
-    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+    # A copy in native byte order: writable, and what torch.as_tensor takes.
+    return (
+        np.frombuffer(data, dtype=dtype, offset=offset)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 _IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

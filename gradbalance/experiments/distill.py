@@ -56,7 +56,9 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
     config = config.resolved()
     config.out.mkdir(parents=True, exist_ok=True)
     splits = _load(config)
+    torch.set_num_threads(config.threads * _jobs(config))  # the teacher gets all the jobs' cores
     teacher, cached = _teacher(config, splits)
+    torch.set_num_threads(config.threads)
     runs = [(name, seed) for seed in range(config.seeds) for name in config.methods]
     histories = _train_runs(config, runs, splits, teacher)
     teacher_errors = errors(teacher, splits.x_test, splits.y_test)
@@ -121,7 +123,12 @@ class _Trainer:
             config.dataset, splits.input_shape, splits.num_classes, config.student_width
         ).to(config.device)
         settings = MethodSettings(
-            config.lr, config.weight_decay, config.temperature, config.stats_every, config.normalize
+            config.lr,
+            config.weight_decay,
+            config.temperature,
+            config.stats_every,
+            config.normalize,
+            config.features,
         )
         objectives, update = build(parse_method(name), student, self.targets, settings)
         schedule = TrainConfig(config.epochs, config.batch_size, config.lr, config.weight_decay)

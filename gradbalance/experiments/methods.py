@@ -99,7 +99,6 @@ METHODS: dict[str, Method] = {
         Method("kd-log", projector="subspace", log_losses=True),
         Method("vkd", projector="vkd"),
         Method("mokd-exact", projector="subspace", balance="exact"),
-        Method("mokd-logits", balance="exact"),
         Method("mokd-amortized", projector="subspace", balance="amortized"),
         Method("mokd-affine", projector="subspace", balance="affine"),
         Method("mokd-representation", projector="subspace", balance="representation"),
@@ -116,7 +115,6 @@ MNIST_METHODS = (
     "hinton-kd",
     "hinton-kd-w1",
     "hinton-kd-w81",
-    "mokd-logits",
     "vkd",
     "mokd-exact",
     "mokd-amortized",
@@ -160,6 +158,9 @@ class MethodSettings:
         stats_every: amortized mode's ``stats_every`` (per-task gradient statistics every N-th
             step, for the plots; 0 = never).
         normalize: the optimizer's ``normalize`` (None: its default for the mode).
+        features: whether the methods with the paper's subspace projector add its feature term
+            (False: they distil the logits only, ``[L_kl, L_ce]``, as Hinton et al.); VkD always
+            has its own.
     """
 
     lr: float
@@ -167,6 +168,7 @@ class MethodSettings:
     temperature: float = 1.0
     stats_every: int = 0
     normalize: bool | None = None
+    features: bool = True
 
 
 class TaskObjective:
@@ -285,7 +287,7 @@ def build(
         return TaskObjective(), FixedSum(torch.optim.AdamW(student.parameters(), **adamw), [1.0])
     params = list(student.parameters())
     projector = None
-    if method.projector is not None:
+    if method.projector == "vkd" or (method.projector is not None and settings.features):
         projector = _make_projector(
             method.projector, targets.teacher.feature_dim, student.feature_dim
         ).to(params[0].device)
