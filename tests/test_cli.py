@@ -13,6 +13,7 @@ from test_data import write_cifar100, write_mnist_idx
 
 from gradbalance import cli
 from gradbalance.cli import main
+from gradbalance.experiments.config import DATASET_DEFAULTS, DistillConfig
 
 TINY = ["--epochs", "2", "--teacher-epochs", "2", "--seeds", "2", "--no-progress"]
 TINY += ["--train-size", "192", "--test-size", "100", "--batch-size", "64"]
@@ -196,3 +197,27 @@ def test_a_subcommand_is_required(capsys):
         main([])
     assert exit_info.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["mnist1d", "mnist"])
+def test_the_command_line_defaults_are_the_configs(dataset):
+    """Each setting is declared once, on DistillConfig: no arguments give its resolved defaults."""
+    args = cli.build_parser().parse_args(["distill", "--dataset", dataset])
+    config = cli._config(args)
+    assert config == DistillConfig(dataset=dataset).resolved()
+    defaults = DATASET_DEFAULTS[dataset]
+    assert (config.epochs, config.lr, config.methods) == (
+        defaults.epochs,
+        defaults.lr,
+        defaults.methods,
+    )
+    assert config.out == Path("runs") / dataset
+
+
+def test_options_set_the_fields_they_name(tmp_path):
+    argv = ["distill", "--normalize", "on", "--features", "off", "--label-noise", "0.2"]
+    argv += ["--methods", "pcgrad", "hinton-kd-w3", "--out", str(tmp_path), "--jobs", "3"]
+    config = cli._config(cli.build_parser().parse_args(argv))
+    assert (config.normalize, config.features, config.label_noise) == (True, False, 0.2)
+    assert config.methods == ("pcgrad", "hinton-kd-w3") and config.jobs == 3
+    assert config.out == tmp_path

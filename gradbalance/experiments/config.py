@@ -153,6 +153,16 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
 _SWITCH = {"auto": None, "on": True, "off": False}
 
 
+def by_dataset(name: str) -> str:
+    """How the help shows a :data:`DATASET_DEFAULTS` field: ``"default: mnist 6, others 40"``."""
+
+    def shown(dataset: str) -> str:
+        value = getattr(DATASET_DEFAULTS[dataset], name)
+        return " ".join(value) if isinstance(value, tuple) else f"{value:g}"
+
+    return f"default: mnist {shown('mnist')}; others {shown('mnist1d')}"
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Everything ``gradbalance distill`` can be told (see ``gradbalance distill --help``).
@@ -174,7 +184,7 @@ class DistillConfig:
         default=None,
         metadata=option(
             f"any of {', '.join(METHODS)}, or kd-fixed-w<W> / hinton-kd-w<W> (distill weight W) "
-            f"(default: mnist {' '.join(MNIST_METHODS)}; others {' '.join(DEFAULT_METHODS)})",
+            f"({by_dataset('methods')})",
             parse=method_name,
             metavar="METHOD",
             many=True,
@@ -185,34 +195,32 @@ class DistillConfig:
     )
     epochs: int | None = field(
         default=None,
-        metadata=option(
-            "student epochs (default: mnist 6, others 40)", parse=at_least(1), metavar="E"
-        ),
+        metadata=option(f"student epochs ({by_dataset('epochs')})", parse=at_least(1), metavar="E"),
     )
     teacher_epochs: int | None = field(
         default=None,
         metadata=option(
-            "teacher epochs (default: mnist 5, others 30)", parse=at_least(1), metavar="E"
+            f"teacher epochs ({by_dataset('teacher_epochs')})", parse=at_least(1), metavar="E"
         ),
     )
     batch_size: int | None = field(
         default=None,
         metadata=option(
-            "student batch size (default: mnist 256, others 128)", parse=at_least(1), metavar="B"
+            f"student batch size ({by_dataset('batch_size')})", parse=at_least(1), metavar="B"
         ),
     )
     lr: float | None = field(
         default=None,
         metadata=option(
-            "student AdamW learning rate, cosine-decayed (default: mnist 1e-3, others 1e-2)",
+            f"student AdamW learning rate, cosine-decayed ({by_dataset('lr')})",
             parse=positive_float,
         ),
     )
     weight_decay: float | None = field(
         default=None,
         metadata=option(
-            "student AdamW weight decay (default: mnist 0, unregularised as in Hinton et al.; "
-            "others 0.05)",
+            f"student AdamW weight decay ({by_dataset('weight_decay')}; on mnist the student "
+            "is unregularised, as in Hinton et al.)",
             parse=non_negative_float,
             metavar="WD",
         ),
@@ -220,7 +228,7 @@ class DistillConfig:
     temperature: float | None = field(
         default=None,
         metadata=option(
-            "temperature T of the KL term, T² · KL (default: mnist 20, others 1)",
+            f"temperature T of the KL term, T² · KL ({by_dataset('temperature')})",
             parse=positive_float,
             metavar="T",
         ),
