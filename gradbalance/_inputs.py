@@ -194,10 +194,12 @@ def weighting_output(weights: object, k: int, source: str) -> torch.Tensor:
     return weights
 
 
-def describe_invalid_weights(weights: torch.Tensor, source: str, normalize: bool) -> str:
-    """A message saying why the π of a user's weighting was refused."""
-    values = ", ".join(f"{value:.6g}" for value in weights.tolist())
-    if not all(math.isfinite(value) for value in weights.tolist()):
+def describe_invalid_weights(weights: torch.Tensor, source: str) -> str:
+    """A message saying why the π of a user's weighting was refused: non-finite weights, else
+    (the only other refusal) weights that normalize=True cannot divide by."""
+    numbers = weights.tolist()
+    values = ", ".join(f"{value:.6g}" for value in numbers)
+    if not all(math.isfinite(value) for value in numbers):
         reason = "non-finite weights"
     else:
         reason = (

@@ -93,13 +93,15 @@ def _argparse_type(parse: Callable[[str], object]) -> Callable[[str], object]:
 
 def _config(args: argparse.Namespace) -> DistillConfig:
     """The config the parsed arguments describe, with the dataset's defaults filled in."""
-    values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(DistillConfig)}
+    values = {}
     for spec in dataclasses.fields(DistillConfig):
         option: Option = spec.metadata["option"]
+        value = getattr(args, spec.name)
         if option.values is not None:
-            values[spec.name] = option.values[values[spec.name]]
-        if option.many and values[spec.name] is not None:
-            values[spec.name] = tuple(values[spec.name])
+            value = option.values[value]
+        if option.many and value is not None:
+            value = tuple(value)
+        values[spec.name] = value
     return DistillConfig(**values).resolved()
 
 

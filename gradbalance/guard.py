@@ -89,7 +89,7 @@ class SyncGuard:
         """True; raises when a user's weighting (``source``) returned invalid π
         (:func:`weights_valid`)."""
         if not bool(weights_valid(weights, normalize)):
-            raise ValueError(describe_invalid_weights(weights, source, normalize))
+            raise ValueError(describe_invalid_weights(weights, source))
         return True
 
     def conclude(self, ok: Ok) -> None:
@@ -137,8 +137,7 @@ class DeviceGuard:
             select(refused, new, old)
             for new, old in zip((values, bounds), self._last or (None, None), strict=True)
         )
-        self._error = refused if self._error is None else self._error | refused
-        self._by_weighting = select(refused, torch.zeros_like(refused), self._by_weighting)
+        self._refuse(refused, by_weighting=torch.zeros_like(refused))
         return ok
 
     def check_weights(self, weights: torch.Tensor, source: str, normalize: bool) -> torch.Tensor:
@@ -148,9 +147,13 @@ class DeviceGuard:
         refused = ~ok
         self._source = source
         self._weights = select(refused, weights, self._weights)
-        self._error = refused if self._error is None else self._error | refused
-        self._by_weighting = select(refused, refused, self._by_weighting)
+        self._refuse(refused, by_weighting=refused)
         return ok
+
+    def _refuse(self, refused: torch.Tensor, by_weighting: torch.Tensor) -> None:
+        """Marks the step under way refused where ``refused``, and whether by the weighting."""
+        self._error = refused if self._error is None else self._error | refused
+        self._by_weighting = select(refused, by_weighting, self._by_weighting)
 
     def conclude(self, ok: Ok) -> None:
         """Ends a balanced step (a window of micro-batches is one) whose verdict is ``ok``: sets
@@ -186,7 +189,7 @@ class DeviceGuard:
     def _message(self) -> str:
         """What the last refused step was refused for (reads the device: one synchronisation)."""
         if self._by_weighting is not None and bool(self._by_weighting):
-            return describe_invalid_weights(self._weights, self._source, normalize=True)
+            return describe_invalid_weights(self._weights, self._source)
         (values, bounds), self._last = self._last, None
         return describe_invalid_losses(values, bounds, self._names) or describe_nonfinite(
             None, self._names

@@ -115,14 +115,7 @@ class _Trainer:
         self.splits = with_label_noise(splits, config.label_noise)  # the teacher's were clean
         unaugmented = self.augmentation is None
         self.targets = TeacherTargets(teacher, self.splits.x_train if unaugmented else None)
-
-    def __call__(self, name: str, seed: int) -> History:
-        config, splits = self.config, self.splits
-        torch.manual_seed(seed)
-        student = make_student(
-            config.dataset, splits.input_shape, splits.num_classes, config.student_width
-        ).to(config.device)
-        settings = MethodSettings(
+        self.settings = MethodSettings(
             config.lr,
             config.weight_decay,
             config.temperature,
@@ -130,9 +123,18 @@ class _Trainer:
             config.normalize,
             config.features,
         )
-        objectives, update = build(parse_method(name), student, self.targets, settings)
-        schedule = TrainConfig(config.epochs, config.batch_size, config.lr, config.weight_decay)
-        return train(student, objectives, update, splits, schedule, seed, self.augmentation)
+        self.schedule = TrainConfig(
+            config.epochs, config.batch_size, config.lr, config.weight_decay
+        )
+
+    def __call__(self, name: str, seed: int) -> History:
+        config, splits = self.config, self.splits
+        torch.manual_seed(seed)
+        student = make_student(
+            config.dataset, splits.input_shape, splits.num_classes, config.student_width
+        ).to(config.device)
+        objectives, update = build(parse_method(name), student, self.targets, self.settings)
+        return train(student, objectives, update, splits, self.schedule, seed, self.augmentation)
 
 
 _worker: _Trainer | None = None  # the trainer of a worker process

@@ -97,20 +97,24 @@ def _lenet(
     """3×3 convolutions with batch norm, each followed by 2×2 max pooling, then a dense layer:
     unlike global average pooling, it keeps where the strokes are."""
     channels, height, width = input_shape
-    layers: list[nn.Module] = []
-    for out in widths:
-        layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.BatchNorm2d(out)]
-        layers += [nn.ReLU(), nn.MaxPool2d(2)]
-        channels, height, width = out, height // 2, width // 2
-    layers += [nn.Flatten(), nn.Linear(channels * height * width, feature_dim), nn.ReLU()]
+    layers = _conv_blocks(channels, widths, pooled=len(widths))
+    pooled = widths[-1] * (height >> len(widths)) * (width >> len(widths))
+    layers += [nn.Flatten(), nn.Linear(pooled, feature_dim), nn.ReLU()]
     return FeatureClassifier(nn.Sequential(*layers), feature_dim, num_classes)
 
 
 def _cnn2d(channels: int, widths: tuple[int, ...], num_classes: int) -> FeatureClassifier:
+    layers = _conv_blocks(channels, widths, pooled=len(widths) - 1)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return FeatureClassifier(nn.Sequential(*layers), widths[-1], num_classes)
+
+
+def _conv_blocks(channels: int, widths: tuple[int, ...], pooled: int) -> list[nn.Module]:
+    """3×3 convolution, batch norm and ReLU per width; 2×2 max pooling after the first
+    ``pooled`` of them."""
     layers: list[nn.Module] = []
     for index, width in enumerate(widths):
         layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width)]
-        layers += [nn.ReLU()] + ([nn.MaxPool2d(2)] if index < len(widths) - 1 else [])
+        layers += [nn.ReLU()] + ([nn.MaxPool2d(2)] if index < pooled else [])
         channels = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return FeatureClassifier(nn.Sequential(*layers), widths[-1], num_classes)
+    return layers

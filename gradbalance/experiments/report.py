@@ -20,8 +20,8 @@ def summarize_method(runs: Sequence[History]) -> dict[str, Any]:
     the values), run time; where the runs recorded them, the share of steps whose log-loss
     gradients conflict (GrC < 0) and the mean π of the distillation objective."""
     summary = {
-        **_spread("accuracy", [run.final_accuracy for run in runs]),
-        **_spread("errors", [run.test_errors for run in runs]),
+        **_spread("accuracy", "accuracies", [run.final_accuracy for run in runs]),
+        **_spread("errors", "errors", [run.test_errors for run in runs]),
         "seconds_mean": statistics.fmean(run.seconds for run in runs),
     }
     for key, statistic, measure in (
@@ -34,12 +34,12 @@ def summarize_method(runs: Sequence[History]) -> dict[str, Any]:
     return summary
 
 
-def _spread(name: str, values: list[float]) -> dict[str, Any]:
-    plural = "accuracies" if name == "accuracy" else name
+def _spread(name: str, key: str, values: list[float]) -> dict[str, Any]:
+    """``<name>_mean``, ``<name>_std`` (sample; 0 for one value) and the values under ``key``."""
     return {
         f"{name}_mean": statistics.fmean(values),
         f"{name}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        plural: values,
+        key: values,
     }
 
 

@@ -13,13 +13,12 @@ from gradbalance.experiments.augment import Augmentation
 from gradbalance.experiments.data import Splits
 from gradbalance.experiments.methods import FixedSum, TaskObjective
 from gradbalance.experiments.models import FeatureClassifier, make_teacher
-from gradbalance.experiments.training import EpochCallback, TrainConfig, accuracy, train
+from gradbalance.experiments.training import EpochCallback, TrainConfig, train
 
 __all__ = [
     "TEACHER_SEED",
     "cache_key",
     "load_or_train_teacher",
-    "teacher_accuracy",
     "teacher_schedule",
 ]
 
@@ -85,11 +84,6 @@ def load_or_train_teacher(
         torch.save({"key": key, "state_dict": teacher.state_dict()}, cache)
     teacher.eval().requires_grad_(False)
     return teacher, cached
-
-
-def teacher_accuracy(teacher: FeatureClassifier, splits: Splits) -> float:
-    """Test accuracy of the teacher."""
-    return accuracy(teacher, splits.x_test, splits.y_test)
 
 
 def _fit(

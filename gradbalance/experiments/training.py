@@ -24,7 +24,6 @@ __all__ = [
     "Objectives",
     "TrainConfig",
     "Update",
-    "accuracy",
     "errors",
     "predict",
     "step_statistics",
@@ -195,8 +194,3 @@ def errors(model: FeatureClassifier, inputs: torch.Tensor, labels: torch.Tensor)
     """How many of ``inputs`` ``model`` misclassifies (top-1)."""
     logits = predict(model, inputs).logits
     return int((logits.argmax(dim=1) != labels).sum())
-
-
-def accuracy(model: FeatureClassifier, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of ``model`` on ``inputs``."""
-    return 1 - errors(model, inputs, labels) / len(labels)
