@@ -106,7 +106,10 @@ def _config(args: argparse.Namespace) -> DistillConfig:
 
 
 def _run_distill(args: argparse.Namespace, command: str) -> int:
-    config = _config(args)
+    try:
+        config = _config(args)
+    except ValueError as error:
+        args.subparser.error(str(error))
     _check_distill(args.subparser, config)
     from gradbalance.experiments.distill import run_distill  # after the check: needs the extras
 
@@ -131,6 +134,9 @@ def _check_distill(distill: argparse.ArgumentParser, config: DistillConfig) -> N
         distill.error(f"missing {', '.join(missing)}: gradbalance distill needs it ({extra})")
     if len(set(config.methods)) != len(config.methods):
         distill.error(f"--methods lists a method twice: {' '.join(config.methods)}")
+    unused = sorted({name for name, _ in config.seeds_for} - set(config.methods))
+    if unused:
+        distill.error(f"--seeds-for names methods that do not run: {' '.join(unused)}")
     if config.normalize is True and "mokd-affine" in config.methods:
         distill.error("--normalize on needs non-negative weights; mokd-affine has none")
     existing = next(path for path in (config.out, *config.out.absolute().parents) if path.exists())

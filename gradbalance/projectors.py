@@ -9,7 +9,9 @@ the special case n = n_t, P_t = I, D = I, kept as the baseline. Both share one c
     proj.similarity(z_s, z_t)  -> s = ⟨ẑ_t, ẑ_s⟩, shape (B,) or (B, T)
     proj.loss(z_s, z_t)        -> scalar smooth-L1 between ẑ_s and the embedded layer-normed teacher
 
-The Stiefel matrices are kept exactly orthonormal by ``geotorch.orthogonal``.
+The Stiefel matrices are exactly orthonormal: by default each is the Q factor of an unconstrained
+matrix (:class:`gradbalance.frames.QRFrame`, O(n k²) for an n × k frame, computed once per optimizer
+step); ``triv="cayley"`` / ``"expm"`` use ``geotorch.orthogonal`` instead.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from gradbalance.frames import QRFrame, orthonormal_frame
+
 __all__ = ["IndefiniteSubspaceProjector", "VkDProjector"]
 
-Trivialization = Literal["cayley", "expm"]
+Trivialization = Literal["qr", "cayley", "expm"]
 TokenMode = Literal["pool", "each"]
 
-_TRIVIALIZATIONS = ("cayley", "expm")
+_TRIVIALIZATIONS = ("qr", "cayley", "expm")
+_GEOTORCH_TRIVIALIZATIONS = ("cayley", "expm")
 _TOKEN_MODES = ("pool", "each")
 _FROZEN_PREFIX = "_frozen_"
 
@@ -68,8 +73,32 @@ def _as_vectors(z: Tensor, channels: int, tokens: str, name: str) -> Tensor:
     return z
 
 
+def _frames_from_geotorch_keys(
+    module: _StiefelProjector, state_dict: dict, prefix: str, *_
+) -> None:
+    """Load-state-dict pre-hook of a ``triv="qr"`` projector: a state dict written with
+    geotorch's ``triv="cayley"`` (the default of earlier releases) holds a base and a skew
+    parameter per frame; their frame is computed with geotorch and stored as the QR
+    parametrisation's ``original``, which ``right_inverse`` makes the frame itself. (A state
+    dict written with ``triv="expm"`` must be loaded into a projector made with
+    ``triv="expm"``.)"""
+    for name in module._stiefel_names:
+        key = f"{prefix}parametrizations.{name}."
+        if key + "0.base" not in state_dict:
+            continue
+        shape = module.parametrizations[name].original.shape
+        legacy = nn.Module()
+        legacy.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        geotorch.orthogonal(legacy, name, triv="cayley")
+        legacy.parametrizations[name].load_state_dict(
+            {"original": state_dict.pop(key + "original"), "0.base": state_dict.pop(key + "0.base")}
+        )
+        with torch.no_grad():
+            state_dict[key + "original"] = getattr(legacy, name)
+
+
 class _StiefelProjector(nn.Module, abc.ABC):
-    """What both projectors share: geotorch Stiefel matrices, feature shapes, caching, freezing,
+    """What both projectors share: Stiefel matrices, feature shapes, caching, freezing,
     similarity and loss. Subclasses register their matrices and define ``_embed``."""
 
     def __init__(
@@ -84,10 +113,17 @@ class _StiefelProjector(nn.Module, abc.ABC):
         self.tokens = tokens
         self.triv = triv
         self._stiefel_names: tuple[str, ...] = ()
+        if triv not in _GEOTORCH_TRIVIALIZATIONS:
+            self.register_load_state_dict_pre_hook(_frames_from_geotorch_keys)
 
     def _add_stiefel(self, name: str, rows: int, cols: int, factory: dict) -> None:
         self.register_parameter(name, nn.Parameter(torch.empty(rows, cols, **factory)))
-        geotorch.orthogonal(self, name, triv=self.triv)
+        if self.triv in _GEOTORCH_TRIVIALIZATIONS:
+            geotorch.orthogonal(self, name, triv=self.triv)
+        else:
+            with torch.no_grad():  # Haar-random: qf of a Gaussian matrix
+                getattr(self, name).copy_(orthonormal_frame(torch.randn(rows, cols, **factory)))
+            parametrize.register_parametrization(self, name, QRFrame())
         # A non-persistent buffer follows .to() but stays out of the state_dict.
         self.register_buffer(_FROZEN_PREFIX + name, None, persistent=False)
         self._stiefel_names += (name,)
@@ -196,9 +232,10 @@ class IndefiniteSubspaceProjector(_StiefelProjector):
         dim: n, the common dimension; default max(n_t, n_s); smaller values are refused.
         tokens: ``"pool"`` averages tokens (B, N, C) and maps (B, C, H, W) to (B, C) first;
             ``"each"`` projects every token / position and compares them one to one.
-        triv: geotorch trivialization of the Stiefel matrices, ``"cayley"`` (default: 8x faster
-            forward+backward than ``"expm"`` at n = 3024 and more exactly orthonormal, see
-            docs/projectors.md) or ``"expm"``.
+        triv: parametrisation of the Stiefel matrices: ``"qr"`` (default), the Q factor of an
+            unconstrained matrix, O(n k²) per n × k frame and computed once per optimizer step
+            (:class:`gradbalance.frames.QRFrame`); or geotorch's ``"cayley"`` / ``"expm"``
+            trivializations of an n × n orthogonal matrix (docs/projectors.md compares them).
         device, dtype: of the parameters. Student features must match them (or run under
             autocast); teacher features are cast to the student's dtype.
     """
@@ -210,7 +247,7 @@ class IndefiniteSubspaceProjector(_StiefelProjector):
         dim: int | None = None,
         *,
         tokens: TokenMode = "pool",
-        triv: Trivialization = "cayley",
+        triv: Trivialization = "qr",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -254,7 +291,7 @@ class VkDProjector(_StiefelProjector):
         student_dim: int,
         *,
         tokens: TokenMode = "pool",
-        triv: Trivialization = "cayley",
+        triv: Trivialization = "qr",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:

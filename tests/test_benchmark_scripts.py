@@ -128,16 +128,20 @@ def test_gpu_check_on_cpu_runs_what_it_can_and_skips_the_rest(gpu_check_report):
         "kernels": "pass",
         "sync": "skipped: no CUDA",
         "tables": "pass",
+        "projectors": "pass",
     }
     for title, status in (
         ("1. CUDA tests", "skipped: no CUDA"),
         ("2. Triton kernels against float64 references", "pass"),
         ("3. The sync-free step", "skipped: no CUDA"),
         ("4. Step time and memory against the floor", "pass"),
+        ("5. Projectors against their floor", "pass"),
     ):
         assert f"## {title}: {status}" in report
     kernel_rows = records["kernels"]["data"]
     assert sorted({row["k"] for row in kernel_rows}) == [2, 4, 8]
+    projector_rows = records["projectors"]["data"]
+    assert len(projector_rows) == 2 and all(row["ratio"]["qr"] > 0 for row in projector_rows)
     table_rows = records["tables"]["data"]["rows"]
     assert {(row["workload"], row["k"]) for row in table_rows} == {
         (name, k) for name in WORKLOADS for k in QUICK_KS

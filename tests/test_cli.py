@@ -74,7 +74,7 @@ def test_history_has_curves_and_step_statistics(tiny_run):
 
 def test_plots_are_valid_pngs(tiny_run):
     out, _ = tiny_run
-    for name in PLOTS:
+    for name in [*PLOTS, "summary.png", "errors.png", "test_errors.png", "accuracy.png"]:
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 

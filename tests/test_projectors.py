@@ -110,7 +110,7 @@ def test_dim_below_the_larger_feature_size_is_refused(teacher_dim, student_dim):
         ((3, -2), {}, "student_dim"),
         ((3.0, 3), {}, "teacher_dim"),
         ((True, 3), {}, "teacher_dim"),
-        ((3, 3), {"triv": "qr"}, "triv"),
+        ((3, 3), {"triv": "householder"}, "triv"),
         ((3, 3), {"tokens": "cls"}, "tokens"),
     ],
 )
@@ -127,7 +127,7 @@ def test_zero_dim_is_refused():
 # ---------------------------------------------------------------- the manifold
 
 
-@pytest.mark.parametrize("triv", ["cayley", "expm"])
+@pytest.mark.parametrize("triv", ["qr", "cayley", "expm"])
 @pytest.mark.parametrize(
     ("cls", "dims"),
     [

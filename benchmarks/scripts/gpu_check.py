@@ -18,9 +18,12 @@ its status (pass, fail, or skipped), its time and its output:
    ``backward`` and ``step`` inside. Plain AdamW, the control, must pass.
 4. The floor tables of ``floor.py`` on the GPU at larger batches (``GPU_BATCHES``: MLP 2048, CNN
    512, transformer 128; models as in ``floor.py``), k = 2, 4, 8, 11 repeats.
+5. The projector table of ``bench_projectors.py``: ``proj.loss`` forward + backward with
+   ``triv="qr"`` and geotorch's ``"cayley"`` against unconstrained matrices of the same shapes,
+   at the shapes of docs/projectors.md (7 repeats; ``--quick`` and ``--device cpu``: tiny shapes).
 
 Each section runs in a child process of this script (``--section NAME``) with its own time
-budget (``BUDGETS``, 275 s together), so a hang, a crash or an error that breaks the CUDA context
+budget (``BUDGETS``, 315 s together), so a hang, a crash or an error that breaks the CUDA context
 fails that section only and the others still run. ``--device cpu`` runs sections 2 (Triton's CPU
 interpreter) and 4 at tiny sizes and marks the CUDA-only ones "skipped: no CUDA"; ``--quick``
 shrinks sections 2 and 4 on the GPU too.
@@ -48,7 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 # Seconds per section, the child's hard limit. The tests compile every Triton specialisation
 # they meet; the tables' child stops starting rows TABLE_MARGIN seconds before its limit.
-BUDGETS = {"tests": 125, "kernels": 45, "sync": 30, "tables": 75}
+BUDGETS = {"tests": 125, "kernels": 45, "sync": 30, "tables": 75, "projectors": 40}
 TABLE_MARGIN = 20
 KERNEL_MARGIN = 8
 GPU_BATCHES = {"mlp": 2048, "cnn": 512, "transformer": 128}
@@ -363,11 +366,30 @@ def tables_section(device: str, quick: bool, deadline: float) -> Result:
     return Result(passed, floor.report(results), results)
 
 
+# ---- 5. the projectors against their floor ---------------------------------------------------
+
+
+def projectors_section(device: str, quick: bool, deadline: float) -> Result:
+    import bench_projectors
+    import torch
+
+    full = device == "cuda" and not quick
+    shapes = bench_projectors.SHAPES if full else bench_projectors.QUICK_SHAPES
+    trivs = ["qr", "cayley"]
+    rows = bench_projectors.projector_table(shapes, trivs, 7 if full else 3, torch.device(device))
+    passed = all(
+        math.isfinite(ratio) and ratio > 0 for row in rows for ratio in row["ratio"].values()
+    )
+    data = [{**row, "shape": vars(row["shape"])} for row in rows]
+    return Result(passed, bench_projectors.markdown(rows, trivs), data)
+
+
 SECTIONS = {
     "tests": Section("1. CUDA tests", True, tests_section),
     "kernels": Section("2. Triton kernels against float64 references", False, kernels_section),
     "sync": Section("3. The sync-free step", True, sync_section),
     "tables": Section("4. Step time and memory against the floor", False, tables_section),
+    "projectors": Section("5. Projectors against their floor", False, projectors_section),
 }
 
 

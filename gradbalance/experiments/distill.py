@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,13 +60,21 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
     torch.set_num_threads(config.threads * _jobs(config))  # the teacher gets all the jobs' cores
     teacher, cached = _teacher(config, splits)
     torch.set_num_threads(config.threads)
-    runs = [(name, seed) for seed in range(config.seeds) for name in config.methods]
+    most = max(config.seed_count(name) for name in config.methods)
+    runs = [
+        (name, seed)
+        for seed in range(most)
+        for name in config.methods
+        if seed < config.seed_count(name)
+    ]
     histories = _train_runs(config, runs, splits, teacher)
     teacher_errors = errors(teacher, splits.x_test, splits.y_test)
     header = {
         "dataset": config.dataset,
         "command": command,
-        "seeds": list(range(config.seeds)),
+        "seeds": list(range(most)),
+        "evaluated_on": "validation" if config.validation else "test",
+        "commit": _commit(),
         "epochs": config.epochs,
         "test_size": len(splits.y_test),
         "teacher_cached": cached,
@@ -78,12 +87,30 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
     files = [config.out / "results.json", config.out / "history.json"]
     write_json(results, files[0])
     write_json(history, files[1])
-    files += write_plots(history, results["teacher_accuracy"], config.out)
+    caption = f"{command} (commit {results['commit']})"
+    files += write_plots(history, results, config.out, caption)
     return Outcome(results, files)
+
+
+def _commit() -> str:
+    """The checkout's ``git describe --always --dirty``, or ``"unknown"`` outside a checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
 
 
 def _load(config: DistillConfig) -> Splits:
     splits = load_dataset(config.dataset, config.data_dir)
+    if config.validation is not None:
+        splits = splits.validation(config.validation)
     return splits.subset(config.train_size, config.test_size).to(config.device)
 
 
@@ -167,7 +194,10 @@ def _train_runs(
             finished[name, seed] = history
             bar.set_postfix(last=f"{name} seed {seed}: {history.final_accuracy:.4f}", refresh=False)
             bar.update()
-    return {name: [finished[name, seed] for seed in range(config.seeds)] for name in config.methods}
+    return {
+        name: [finished[name, seed] for seed in range(config.seed_count(name))]
+        for name in config.methods
+    }
 
 
 def _finished_runs(

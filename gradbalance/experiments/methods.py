@@ -4,13 +4,15 @@ Every method trains the same student with the same loop
 (:func:`gradbalance.experiments.training.train`); a :class:`Method` only chooses
 
 * the objectives: cross-entropy alone (``student``); Hinton et al.'s k = 2 pair
-  ``[L_kl, L_ce]`` (logits only, ``L_kl = T² · KL``); or the paper's k = 2 grouping
-  ``[L_kl + L_feat, L_ce]`` with a feature projector (:mod:`gradbalance.losses`);
-* the update: a fixed weighted sum (of the losses or of their logarithms) stepped by AdamW, or
+  ``[L_kl, L_ce]`` (logits only, ``L_kl = T² · KL``); the paper's k = 2 grouping
+  ``[L_kl + L_feat, L_ce]`` with a feature projector (:mod:`gradbalance.losses`); or the k = 3
+  ``[L_kl, L_feat, L_ce]``;
+* the update: a fixed weighted sum (of the losses or of their logarithms) stepped by AdamW;
   :class:`gradbalance.MultiObjectiveOptimizer` around the same AdamW (in representation mode with
   the student's features, :func:`shared_representation`, as the representation), with MoKD's
   exact π or another weighting of the Gram matrix — torchjd's UPGrad, PCGrad, IMTL-G,
-  Aligned-MTL, DualProj — on the same log-loss gradients, so that only the rule for π differs.
+  Aligned-MTL, DualProj, PCD — on the same log-loss gradients, so that only the rule for π
+  differs; or DOT's two-momentum SGD (:mod:`gradbalance.experiments.dot`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
+from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
 from gradbalance.experiments.models import FeatureClassifier, Output
 from gradbalance.experiments.training import predict
-from gradbalance.losses import classification_losses
+from gradbalance.losses import Grouping, classification_losses
 
 __all__ = [
     "DEFAULT_METHODS",
     "METHODS",
+    "MNIST_LONG_METHODS",
     "MNIST_METHODS",
     "TORCHJD_WEIGHTINGS",
     "Balanced",
@@ -39,6 +43,7 @@ __all__ = [
     "FixedSum",
     "Method",
     "MethodSettings",
+    "TaskFirst",
     "TaskObjective",
     "TeacherTargets",
     "build",
@@ -48,6 +53,7 @@ __all__ = [
 
 ProjectorKind = Literal["subspace", "vkd"]
 Balance = Literal["exact", "amortized", "affine", "representation"]
+Trainer = Literal["adamw", "dot"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class Method:
         teacher: whether the student learns from the teacher (False: the labels alone).
         projector: feature projector of the distillation objective (``L_kl + L_feat``);
             ``None``: the logits only (``L_kl``, Hinton et al. 2015).
+        features: whether the projector's term is used: ``None`` follows the run's
+            ``--features`` setting, ``True`` always (the rows that exist to test a projector).
+        grouping: ``"paper"``, ``[L_kl + L_feat, L_ce]``, or ``"separate"``,
+            ``[L_kl, L_feat, L_ce]`` (:meth:`gradbalance.losses.KDLosses.objectives`).
         distill_weight: w in the fixed sum ``w · L_distill + L_task``.
         log_losses: sum the logarithms instead, ``w · log L_distill + log L_task``: the gradient
             ``w ∇L_distill / L_distill + ∇L_task / L_task`` is MoKD's un-normalised direction
@@ -66,15 +76,22 @@ class Method:
         balance: mode of :class:`~gradbalance.MultiObjectiveOptimizer`; ``None`` for the fixed sum.
         weighting: a key of :data:`TORCHJD_WEIGHTINGS`: the optimizer's ``weighting=`` (exact
             mode); ``None``: MoKD's exact min-norm π.
+        trainer: ``"adamw"``, or ``"dot"``: DOT's SGD with two momenta on the losses weighted
+            by :data:`DOT_WEIGHTS` (``balance`` is then ``None``).
+        lr: the method's own learning rate (DOT's SGD); ``None``: the run's (AdamW's).
     """
 
     name: str
     teacher: bool = True
     projector: ProjectorKind | None = None
+    features: bool | None = None
+    grouping: Grouping = "paper"
     distill_weight: float = 1.0
     log_losses: bool = False
     balance: Balance | None = None
     weighting: str | None = None
+    trainer: Trainer = "adamw"
+    lr: float | None = None
 
 
 # Method name → torchjd.aggregation Weighting class (torchjd is an optional extra).
@@ -84,7 +101,16 @@ TORCHJD_WEIGHTINGS = {
     "imtl-g": "IMTLGWeighting",
     "aligned-mtl": "AlignedMTLWeighting",
     "dualproj": "DualProjWeighting",
+    "pcd": "PCDWeighting",
 }
+# PCD reads the Gramian's first objective as the primary one; ours come [distill, task].
+PRIMARY_LAST = ("pcd",)
+# DOT (experiments/dot.py): mdistiller's KD weights, 0.9 · L_kl + 0.1 · L_ce (Hinton's ratio), and
+# the SGD learning rate chosen on MNIST's 10,000 validation images (docs/mnist.md, "DOT"):
+# gradbalance distill --dataset mnist --validation 10000 --methods dot-lr0.01 dot-lr0.03 \
+#     dot-lr0.1 dot-lr0.3 --seeds 1 --out runs/mnist-dot-lr
+DOT_WEIGHTS = (0.9, 0.1)
+DOT_LR = 0.1
 # Hinton et al.'s fixed weighting: a lower weight on the hard targets, 0.9 · T²·KL + 0.1 · CE —
 # under Adam(W) only the ratio of the weights matters, so 9 · L_kl + L_ce.
 HINTON_WEIGHT = 9.0
@@ -97,8 +123,17 @@ METHODS: dict[str, Method] = {
         Method("hinton-kd", distill_weight=HINTON_WEIGHT),
         Method("kd-fixed", projector="subspace"),
         Method("kd-log", projector="subspace", log_losses=True),
-        Method("vkd", projector="vkd"),
+        Method("vkd", projector="vkd", features=True),
+        Method("mokd-vkd", projector="vkd", features=True, balance="exact"),
         Method("mokd-exact", projector="subspace", balance="exact"),
+        Method("mokd-subspace", projector="subspace", features=True, balance="exact"),
+        Method(
+            "mokd-subspace-k3",
+            projector="subspace",
+            features=True,
+            grouping="separate",
+            balance="exact",
+        ),
         Method("mokd-amortized", projector="subspace", balance="amortized"),
         Method("mokd-affine", projector="subspace", balance="affine"),
         Method("mokd-representation", projector="subspace", balance="representation"),
@@ -106,6 +141,7 @@ METHODS: dict[str, Method] = {
             Method(name, projector="subspace", balance="exact", weighting=name)
             for name in TORCHJD_WEIGHTINGS
         ),
+        Method("dot", trainer="dot", lr=DOT_LR),
     )
 }
 DEFAULT_METHODS = ("student", "kd-fixed", "vkd", "mokd-exact", "mokd-amortized")
@@ -122,30 +158,56 @@ MNIST_METHODS = (
     "upgrad",
     "pcgrad",
     "imtl-g",
+    "pcd",
+    "dot",
+    "mokd-subspace",
+    "mokd-subspace-k3",
+    "mokd-vkd",
 )
-_SWEEP = re.compile(r"(?P<base>kd-fixed|hinton-kd)-w(?P<weight>\d+(\.\d+)?)")
+# The study at convergence (--preset long): the fixed-weight grid, the balancers, the rivals.
+MNIST_LONG_METHODS = (
+    "student",
+    "hinton-kd-w1",
+    "hinton-kd-w3",
+    "hinton-kd",
+    "mokd-exact",
+    "mokd-representation",
+    "mokd-amortized",
+    "imtl-g",
+    "upgrad",
+    "pcd",
+    "dot",
+)
+_NUMBER = r"(?P<value>\d+(\.\d+)?)"
+# name pattern → (the field it sets, what the message calls it)
+_SWEEPS = {
+    re.compile(rf"(?P<base>kd-fixed|hinton-kd)-w{_NUMBER}"): ("distill_weight", "distill weight"),
+    re.compile(rf"(?P<base>dot)-lr{_NUMBER}"): ("lr", "learning rate"),
+}
 
 
 def parse_method(name: str) -> Method:
     """A method of :data:`METHODS`, or ``kd-fixed-w<W>`` / ``hinton-kd-w<W>``: that method with
-    distill weight W.
+    distill weight W, or ``dot-lr<LR>``: DOT with learning rate LR.
 
     Raises:
-        ValueError: an unknown name, or a sweep weight that is not positive.
+        ValueError: an unknown name, or a sweep value that is not positive.
     """
     if name in METHODS:
         return METHODS[name]
-    match = _SWEEP.fullmatch(name)
-    if match is None:
-        choices = ", ".join(METHODS)
-        raise ValueError(
-            f"unknown method {name!r}; choose from {choices}, kd-fixed-w<weight> or "
-            "hinton-kd-w<weight>"
-        )
-    weight = float(match["weight"])
-    if weight <= 0:
-        raise ValueError(f"{name}: the distill weight must be > 0")
-    return dataclasses.replace(METHODS[match["base"]], name=name, distill_weight=weight)
+    for pattern, (field, meaning) in _SWEEPS.items():
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        value = float(match["value"])
+        if value <= 0:
+            raise ValueError(f"{name}: the {meaning} must be > 0")
+        return dataclasses.replace(METHODS[match["base"]], name=name, **{field: value})
+    choices = ", ".join(METHODS)
+    raise ValueError(
+        f"unknown method {name!r}; choose from {choices}, kd-fixed-w<weight>, "
+        "hinton-kd-w<weight> or dot-lr<lr>"
+    )
 
 
 @dataclass(frozen=True)
@@ -200,15 +262,21 @@ class TeacherTargets:
 
 
 class DistillObjectives:
-    """k = 2: ``[L_kl + L_feat, L_ce]`` (``[L_kl, L_ce]`` without a projector) against the frozen
-    teacher's output on the same inputs."""
+    """``[L_kl + L_feat, L_ce]`` (``grouping="paper"``; ``[L_kl, L_ce]`` without a projector) or
+    ``[L_kl, L_feat, L_ce]`` (``"separate"``) against the frozen teacher's output on the same
+    inputs."""
 
     def __init__(
-        self, targets: TeacherTargets, projector: nn.Module | None, temperature: float
+        self,
+        targets: TeacherTargets,
+        projector: nn.Module | None,
+        temperature: float,
+        grouping: Grouping = "paper",
     ) -> None:
         self.targets = targets
         self.projector = projector
         self.temperature = temperature
+        self.grouping = grouping
 
     def __call__(
         self, output: Output, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
@@ -224,7 +292,7 @@ class DistillObjectives:
         losses = classification_losses(
             output.logits, labels, target.logits, temperature=self.temperature, **features
         )
-        return losses.objectives("paper")
+        return losses.objectives(self.grouping)
 
 
 def shared_representation(output: Output) -> torch.Tensor:
@@ -276,7 +344,7 @@ def build(
     student: FeatureClassifier,
     targets: TeacherTargets,
     settings: MethodSettings,
-) -> tuple[TaskObjective | DistillObjectives, FixedSum | Balanced]:
+) -> tuple[TaskObjective | DistillObjectives, FixedSum | Balanced | DotUpdate]:
     """The objectives and the update of ``method`` for ``student``.
 
     The projector (if any) is created here, after the student, on the student's device, and is
@@ -287,16 +355,27 @@ def build(
         return TaskObjective(), FixedSum(torch.optim.AdamW(student.parameters(), **adamw), [1.0])
     params = list(student.parameters())
     projector = None
-    if method.projector == "vkd" or (method.projector is not None and settings.features):
+    uses_features = settings.features if method.features is None else method.features
+    if method.projector is not None and uses_features:
         projector = _make_projector(
             method.projector, targets.teacher.feature_dim, student.feature_dim
         ).to(params[0].device)
         params += projector.parameters()
-    objectives = DistillObjectives(targets, projector, settings.temperature)
+    objectives = DistillObjectives(targets, projector, settings.temperature, method.grouping)
+    return objectives, _update(method, params, settings)
+
+
+def _update(
+    method: Method, params: list[nn.Parameter], settings: MethodSettings
+) -> FixedSum | Balanced | DotUpdate:
+    adamw = {"lr": settings.lr, "weight_decay": settings.weight_decay}
+    if method.trainer == "dot":
+        lr = DOT_LR if method.lr is None else method.lr
+        optimizer = DistillationOrientedTrainer(params, lr=lr, weight_decay=settings.weight_decay)
+        return DotUpdate(optimizer, DOT_WEIGHTS)
     if method.balance is None:
         weights = [method.distill_weight, 1.0]
-        update = FixedSum(torch.optim.AdamW(params, **adamw), weights, log=method.log_losses)
-        return objectives, update
+        return FixedSum(torch.optim.AdamW(params, **adamw), weights, log=method.log_losses)
     stats_every = settings.stats_every if method.balance == "amortized" else 0
     optimizer = MultiObjectiveOptimizer(
         params,
@@ -307,14 +386,31 @@ def build(
         weighting=None if method.weighting is None else torchjd_weighting(method.weighting),
         **adamw,
     )
-    return objectives, Balanced(optimizer)
+    return Balanced(optimizer)
 
 
 def torchjd_weighting(name: str) -> nn.Module:
-    """A fresh ``torchjd.aggregation`` Weighting for a key of :data:`TORCHJD_WEIGHTINGS`."""
+    """A fresh ``torchjd.aggregation`` Weighting for a key of :data:`TORCHJD_WEIGHTINGS` (those of
+    :data:`PRIMARY_LAST` see the objectives in reverse order, the task first)."""
     import torchjd.aggregation  # the torchjd extra
 
-    return getattr(torchjd.aggregation, TORCHJD_WEIGHTINGS[name])()
+    weighting = getattr(torchjd.aggregation, TORCHJD_WEIGHTINGS[name])()
+    return TaskFirst(weighting) if name in PRIMARY_LAST else weighting
+
+
+class TaskFirst(nn.Module):
+    """A weighting of the reversed objectives, ``π = R w(R G R)`` with R the order reversal: for
+    weightings that read the first objective as the primary one (torchjd's PCD), while our
+    objectives come ``[distill, task]``. A stateful weighting keeps its state in its own
+    ``state_dict()`` (PCD: the moving average of squared gradient norms), which the optimizer's
+    ``state_dict()`` does not hold."""
+
+    def __init__(self, weighting: nn.Module) -> None:
+        super().__init__()
+        self.weighting = weighting
+
+    def forward(self, gram: torch.Tensor) -> torch.Tensor:
+        return self.weighting(gram.flip(0, 1)).flip(0)
 
 
 def _make_projector(kind: ProjectorKind, teacher_dim: int, student_dim: int) -> nn.Module:

@@ -10,9 +10,21 @@ from typing import Any
 
 from gradbalance.experiments.training import History
 
-__all__ = ["format_table", "summarize", "summarize_method", "write_json"]
+__all__ = [
+    "FIXED_WEIGHT_PREFIXES",
+    "format_table",
+    "paired_differences",
+    "summarize",
+    "summarize_method",
+    "write_json",
+]
 
 Histories = Mapping[str, Sequence[History]]  # method name → one History per seed
+# The fixed-weight rows; the one with the fewest mean errors is the reference of the paired
+# differences (chosen on the test set: that favours the baseline).
+FIXED_WEIGHT_PREFIXES = ("hinton-kd", "kd-fixed")
+# Two-sided 95 % quantiles of Student's t with 1..10 degrees of freedom.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 def summarize_method(runs: Sequence[History]) -> dict[str, Any]:
@@ -46,12 +58,44 @@ def _spread(name: str, key: str, values: list[float]) -> dict[str, Any]:
 def summarize(
     histories: Histories, header: Mapping[str, Any], teacher_accuracy: float
 ) -> dict[str, Any]:
-    """The ``results.json`` document: ``header`` fields, the teacher, and every method's summary."""
+    """The ``results.json`` document: ``header`` fields, the teacher, every method's summary and
+    the paired differences to the best fixed weight (:func:`paired_differences`)."""
+    methods = {name: summarize_method(runs) for name, runs in histories.items()}
     return {
         **header,
         "teacher_accuracy": teacher_accuracy,
-        "methods": {name: summarize_method(runs) for name, runs in histories.items()},
+        "methods": methods,
+        "paired": paired_differences(methods),
     }
+
+
+def paired_differences(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Each method's test errors minus the best fixed weight's, seed by seed.
+
+    Every method sees the same initialisation and batch order per seed, so the per-seed
+    difference removes the seed's share of the variance. Per method, over the seeds both ran:
+    ``n``, the mean difference with a two-sided 95 % Student-t interval (``low``, ``high``; none
+    for one seed), and the sign counts ``fewer`` / ``more`` (seeds where the method made fewer /
+    more errors). Empty when no fixed-weight row ran.
+    """
+    fixed = [name for name in methods if name.startswith(FIXED_WEIGHT_PREFIXES)]
+    if not fixed:
+        return {}
+    reference = min(fixed, key=lambda name: methods[name]["errors_mean"])
+    base = methods[reference]["errors"]
+    paired = {}
+    for name, summary in methods.items():
+        if name == reference:
+            continue
+        diffs = [mine - theirs for mine, theirs in zip(summary["errors"], base, strict=False)]
+        mean = statistics.fmean(diffs)
+        entry = {"n": len(diffs), "mean": mean, "diffs": diffs}
+        entry.update(fewer=sum(d < 0 for d in diffs), more=sum(d > 0 for d in diffs))
+        if 1 < len(diffs) <= len(_T95) + 1:
+            half = _T95[len(diffs) - 2] * statistics.stdev(diffs) / len(diffs) ** 0.5
+            entry.update(low=mean - half, high=mean + half)
+        paired[name] = entry
+    return {"reference": reference, "methods": paired}
 
 
 def history_document(histories: Histories) -> dict[str, list[dict[str, Any]]]:
@@ -60,6 +104,7 @@ def history_document(histories: Histories) -> dict[str, list[dict[str, Any]]]:
         name: [
             {
                 "test_accuracy": run.test_accuracy,
+                "test_errors_per_epoch": run.epoch_errors,
                 "test_errors": run.test_errors,
                 "steps": run.steps,
                 "seconds": run.seconds,
@@ -80,13 +125,15 @@ def format_table(results: Mapping[str, Any]) -> str:
     the student, share of conflicting steps."""
     methods: Mapping[str, Mapping[str, Any]] = results["methods"]
     baseline = methods.get("student", {}).get("accuracy_mean")
+    paired = results.get("paired", {})
     width = max(len("method"), *(len(name) for name in methods))
     lines = [
         f"{results['dataset']}: teacher {results['teacher_accuracy']:.4f} "
         f"({results['teacher_errors']} errors), {len(results['seeds'])} seed(s) x "
         f"{results['epochs']} epochs",
         f"{'method':<{width}}  {'accuracy':>17}  {'vs student':>10}  {'errors':>13}  "
-        f"{'GrC<0':>6}  {'s/run':>6}  errors per seed",
+        f"{'GrC<0':>6}  {'s/run':>6}  {'Δ errors vs ' + paired.get('reference', '-'):>24}  "
+        "errors per seed",
     ]
     for name, summary in methods.items():
         mean, std = summary["accuracy_mean"], summary["accuracy_std"]
@@ -97,6 +144,15 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append(
             f"{name:<{width}}  {mean:>8.4f} ± {std:.4f}  {gain:>10}  "
             f"{summary['errors_mean']:>6.1f} ± {summary['errors_std']:>4.1f}  {shown:>6}  "
-            f"{summary['seconds_mean']:>6.1f}  {seeds}"
+            f"{summary['seconds_mean']:>6.1f}  {_paired_cell(paired, name):>24}  {seeds}"
         )
     return "\n".join(lines)
+
+
+def _paired_cell(paired: Mapping[str, Any], name: str) -> str:
+    """``-12.4 [-20.1, -4.7] 5/0``: mean paired difference, its 95 % interval, fewer/more."""
+    entry = paired.get("methods", {}).get(name)
+    if entry is None:
+        return ""
+    interval = f" [{entry['low']:+.1f}, {entry['high']:+.1f}]" if "low" in entry else ""
+    return f"{entry['mean']:+.1f}{interval} {entry['fewer']}/{entry['more']}"

@@ -68,8 +68,8 @@ class TrainConfig:
 
 @dataclass
 class History:
-    """Test accuracy after every epoch, the test errors after the last, per-step statistics,
-    and the run's wall time.
+    """Test accuracy and errors after every epoch, the test errors after the last, per-step
+    statistics, and the run's wall time.
 
     ``steps`` maps a statistic of :func:`step_statistics` to ``{"step": [...], "value": [...]}``:
     the optimizer steps (from 0) at which it was available, and its values there.
@@ -79,6 +79,7 @@ class History:
     test_errors: int = 0
     steps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
+    epoch_errors: list[int] = field(default_factory=list)
 
     @property
     def final_accuracy(self) -> float:
@@ -135,6 +136,7 @@ def train(
             _record(recorded, step_statistics(losses, stats), step)
             step += 1
         history.test_errors = errors(model, splits.x_test, splits.y_test)
+        history.epoch_errors.append(history.test_errors)
         history.test_accuracy.append(1 - history.test_errors / len(splits.y_test))
         if on_epoch is not None:
             on_epoch(epoch, history.test_accuracy[-1])

@@ -1,0 +1,199 @@
+"""The rows and settings of the MNIST studies: feature rows, DOT, PCD (task first), the long
+preset, per-method seeds, the held-out validation split and the paired differences."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+
+import pytest
+import torch
+import torchjd.aggregation
+
+from gradbalance import IndefiniteSubspaceProjector, VkDProjector
+from gradbalance.experiments.config import PRESETS, DistillConfig
+from gradbalance.experiments.data import load_dataset
+from gradbalance.experiments.distill import run_distill
+from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
+from gradbalance.experiments.methods import (
+    DOT_LR,
+    DOT_WEIGHTS,
+    MNIST_LONG_METHODS,
+    MNIST_METHODS,
+    Balanced,
+    MethodSettings,
+    TaskFirst,
+    TeacherTargets,
+    build,
+    parse_method,
+)
+from gradbalance.experiments.models import make_student, make_teacher
+from gradbalance.experiments.report import paired_differences
+
+# Hinton's MNIST setting: the logits only unless a row insists on its projector.
+SETTINGS = MethodSettings(lr=1e-3, weight_decay=0.0, temperature=2.0, features=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits").subset(96, 40)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits) -> TeacherTargets:
+    torch.manual_seed(0)
+    network = make_teacher("digits", digits.input_shape, digits.num_classes)
+    return TeacherTargets(network.eval().requires_grad_(False), None)
+
+
+def built(name, digits, teacher):
+    torch.manual_seed(0)
+    student = make_student("digits", digits.input_shape, digits.num_classes)
+    objectives, update = build(parse_method(name), student, teacher, SETTINGS)
+    output = student(digits.x_train[:16])
+    losses = objectives(output, digits.x_train[:16], digits.y_train[:16], torch.arange(16))
+    return student, objectives, update, losses
+
+
+@pytest.mark.parametrize(
+    ("name", "projector", "k"),
+    [
+        ("mokd-subspace", IndefiniteSubspaceProjector, 2),
+        ("mokd-subspace-k3", IndefiniteSubspaceProjector, 3),
+        ("mokd-vkd", VkDProjector, 2),
+        ("vkd", VkDProjector, 2),
+        ("mokd-exact", type(None), 2),
+    ],
+)
+def test_feature_rows_keep_their_projector_when_features_are_off(
+    digits, teacher, name, projector, k
+):
+    _, objectives, update, losses = built(name, digits, teacher)
+    assert isinstance(objectives.projector, projector)
+    assert len(losses) == k
+    if objectives.projector is not None:
+        projector_params = {id(p) for p in objectives.projector.parameters()}
+        optimizer_params = {id(p) for g in update.optimizer.param_groups for p in g["params"]}
+        assert projector_params <= optimizer_params
+
+
+def test_k3_objectives_are_kl_feature_and_ce_separately(digits, teacher):
+    _, _, _, paired = built("mokd-subspace", digits, teacher)
+    _, _, _, separate = built("mokd-subspace-k3", digits, teacher)
+    torch.testing.assert_close(separate[0] + separate[1], paired[0])
+    torch.testing.assert_close(separate[2], paired[1])
+
+
+def test_dot_row_is_dots_trainer_with_its_weights_and_lr(digits, teacher):
+    _, _, update, _ = built("dot", digits, teacher)
+    assert isinstance(update, DotUpdate) and update.weights == DOT_WEIGHTS
+    assert isinstance(update.optimizer, DistillationOrientedTrainer)
+    assert update.optimizer.param_groups[0]["lr"] == DOT_LR
+    assert update.optimizer.param_groups[0]["weight_decay"] == SETTINGS.weight_decay
+    swept = parse_method("dot-lr0.03")
+    assert swept.trainer == "dot" and swept.lr == 0.03
+    for bad in ("dot-lr0", "hinton-kd-lr0.1", "dot-w2"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
+
+
+def test_pcd_sees_the_task_first():
+    """π = R·PCD(R G R): the task's row of G becomes PCD's primary objective."""
+    gram = torch.tensor([[4.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    ours = TaskFirst(torchjd.aggregation.PCDWeighting())(gram)
+    theirs = torchjd.aggregation.PCDWeighting()(gram.flip(0, 1))
+    torch.testing.assert_close(ours, theirs.flip(0))
+    # PCD scales the direction to the primary gradient's norm: ‖Σ π_i g_i‖ = ‖g_task‖ = 1
+    assert (ours @ gram @ ours).item() == pytest.approx(1.0, rel=1e-9)
+
+
+def test_pcd_row_balances_with_the_task_first(digits, teacher):
+    _, _, update, _ = built("pcd", digits, teacher)
+    assert isinstance(update, Balanced)
+    assert update.optimizer.mode == "exact"
+
+
+def test_the_long_preset_fills_what_the_command_line_leaves_open():
+    long = DistillConfig(dataset="mnist", preset="long").resolved()
+    preset = PRESETS["mnist", "long"]
+    assert long.methods == MNIST_LONG_METHODS and long.epochs == preset.epochs
+    assert long.seed_count("student") == 5 and long.seed_count("upgrad") == 3
+    assert {"dot", "pcd", "imtl-g", "upgrad", "mokd-exact"} <= set(long.methods)
+    # --seeds wins over the preset's per-method seeds (one cell: --seeds 1)
+    one = DistillConfig(dataset="mnist", preset="long", seeds=1, methods=("mokd-exact",))
+    assert one.resolved().seed_count("mokd-exact") == 1 and one.resolved().epochs == preset.epochs
+    with pytest.raises(ValueError, match="mnist only"):
+        DistillConfig(dataset="digits", preset="long").resolved()
+    assert {"dot", "pcd", "mokd-subspace", "mokd-subspace-k3", "mokd-vkd"} <= set(MNIST_METHODS)
+
+
+def test_validation_holds_out_the_end_of_the_training_set():
+    splits = load_dataset("digits")
+    held = splits.validation(100)
+    assert torch.equal(held.x_test, splits.x_train[-100:])
+    assert torch.equal(held.x_train, splits.x_train[:-100])
+    assert len(held.y_train) + len(held.y_test) == len(splits.y_train)
+    with pytest.raises(ValueError, match="--validation"):
+        splits.validation(len(splits.y_train))
+
+
+def test_paired_differences_against_the_best_fixed_weight():
+    methods = {
+        "hinton-kd": {"errors_mean": 12.0, "errors": [12, 13, 11]},
+        "hinton-kd-w1": {"errors_mean": 10.0, "errors": [10, 11, 9]},
+        "mokd-exact": {"errors_mean": 8.0, "errors": [7, 9, 8, 6, 10]},
+    }
+    paired = paired_differences(methods)
+    assert paired["reference"] == "hinton-kd-w1"
+    entry = paired["methods"]["mokd-exact"]
+    diffs = [-3, -2, -1]  # over the three seeds both ran
+    assert entry["diffs"] == diffs and entry["n"] == 3
+    assert (entry["fewer"], entry["more"]) == (3, 0)
+    half = 4.303 * statistics.stdev(diffs) / 3**0.5  # t(0.975, 2 df)
+    assert entry["low"] == pytest.approx(-2 - half) and entry["high"] == pytest.approx(-2 + half)
+    assert paired_differences({"student": {"errors_mean": 1, "errors": [1]}}) == {}
+
+
+def test_per_method_seeds_and_epoch_errors_end_to_end(tmp_path):
+    config = DistillConfig(
+        dataset="digits",
+        methods=("student", "hinton-kd-w1", "dot"),
+        seeds=1,
+        seeds_for=(("student", 2), ("hinton-kd-w1", 2)),
+        epochs=2,
+        teacher_epochs=1,
+        batch_size=64,
+        train_size=192,
+        test_size=60,
+        jobs=1,
+        progress=False,
+        out=tmp_path,
+    )
+    outcome = run_distill(config, "test")
+    methods = outcome.results["methods"]
+    assert len(methods["student"]["errors"]) == 2 and len(methods["dot"]["errors"]) == 1
+    assert outcome.results["paired"]["reference"] == "hinton-kd-w1"
+    history = json.loads((tmp_path / "history.json").read_text())
+    run = history["student"][1]
+    assert len(run["test_errors_per_epoch"]) == 2
+    assert run["test_errors_per_epoch"][-1] == run["test_errors"]
+    assert dataclasses.asdict(config)["seeds_for"] == (("student", 2), ("hinton-kd-w1", 2))
+
+
+def test_every_method_has_its_own_style_and_pi_off_the_simplex_stays_in_the_axes():
+    from matplotlib.figure import Figure
+
+    from gradbalance.experiments.plots import method_styles, plot_step_statistic
+
+    names = [f"m{i}" for i in range(20)]
+    styles = method_styles(names)
+    assert len({(s.color, s.marker) for s in styles.values()}) == 20
+    assert len({s.color for s in styles.values()}) == 20
+    history = {
+        "pcgrad": [{"steps": {"pi_distill": {"step": [0, 1, 2], "value": [0.4, 1.7, -0.3]}}}]
+    }
+    axes = Figure().subplots()
+    assert plot_step_statistic(history, "pi_distill", lambda v: v, "π", "π", None, axes=axes)
+    low, high = axes.get_ylim()
+    assert low <= -0.3 and high >= 1.7
