@@ -19,7 +19,7 @@ from gradbalance.experiments.config import DistillConfig, Option
 from gradbalance.experiments.data import check_data_dir
 from gradbalance.experiments.methods import parse_method
 from gradbalance.experiments.models import MLP_STUDENTS
-from gradbalance.experiments.report import format_table
+from gradbalance.experiments.report import format_table, headline
 
 __all__ = ["build_parser", "main"]
 
@@ -116,6 +116,7 @@ def _run_distill(args: argparse.Namespace, command: str) -> int:
     torch.set_num_threads(config.threads)
     outcome = run_distill(config, command)
     print(format_table(outcome.results))
+    print(headline(outcome.results))
     files = ", ".join(str(path) for path in outcome.files)
     print(f"wall time {outcome.results['wall_time_s']:.0f} s; wrote {files}")
     return 0

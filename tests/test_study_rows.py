@@ -197,3 +197,52 @@ def test_every_method_has_its_own_style_and_pi_off_the_simplex_stays_in_the_axes
     assert plot_step_statistic(history, "pi_distill", lambda v: v, "π", "π", None, axes=axes)
     low, high = axes.get_ylim()
     assert low <= -0.3 and high >= 1.7
+
+
+def test_headline_names_the_best_and_the_paired_differences():
+    from gradbalance.experiments.report import headline
+
+    methods = {
+        "student": {"errors_mean": 15.0, "errors": [15, 15]},
+        "hinton-kd-w1": {"errors_mean": 10.0, "errors": [10, 10]},
+        "mokd-exact": {"errors_mean": 8.5, "errors": [8, 9]},
+    }
+    line = headline({"methods": methods, "paired": paired_differences(methods)})
+    assert line.startswith("Fewest test errors: mokd-exact (8.5 on average)")
+    assert "hinton-kd-w1: mokd-exact -1.5 (2 of 2 seeds fewer)" in line
+    assert "student" not in line.split(":", 2)[-1]
+
+
+def test_the_main_preset_is_the_readme_job():
+    main = DistillConfig(dataset="mnist", preset="main").resolved()
+    assert main.methods == ("student", "hinton-kd-w1", "mokd-exact", "mokd-representation")
+    assert {main.seed_count(name) for name in main.methods} == {2}
+
+
+def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path):
+    config = DistillConfig(
+        dataset="digits",
+        methods=("student",),
+        seeds=1,
+        epochs=1,
+        teacher_epochs=1,
+        batch_size=64,
+        train_size=128,
+        test_size=40,
+        jobs=1,
+        progress=False,
+        out=tmp_path,
+    )
+    run_distill(config, "first")
+    stored = tmp_path / "runs" / "student-seed0.json"
+    record = json.loads(stored.read_text())
+    record["history"]["test_errors"] = 12345  # a mark: only a reused run reports it
+    stored.write_text(json.dumps(record))
+
+    more = run_distill(dataclasses.replace(config, seeds=2), "more seeds")
+    errors = more.results["methods"]["student"]["errors"]
+    assert errors[0] == 12345 and errors[1] != 12345
+    assert (tmp_path / "runs" / "student-seed1.json").exists()
+
+    changed = run_distill(dataclasses.replace(config, lr=3e-3), "another lr")
+    assert changed.results["methods"]["student"]["errors"][0] != 12345

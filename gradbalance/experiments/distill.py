@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import multiprocessing
 import os
 import subprocess
@@ -33,7 +34,7 @@ from gradbalance.experiments.report import history_document, summarize, write_js
 from gradbalance.experiments.teacher import load_or_train_teacher, teacher_schedule
 from gradbalance.experiments.training import History, TrainConfig, errors, train
 
-__all__ = ["Outcome", "run_distill"]
+__all__ = ["Outcome", "RunStore", "run_distill"]
 
 _MAX_DEFAULT_JOBS = 8
 
@@ -187,10 +188,15 @@ def _train_runs(
     splits: Splits,
     teacher: FeatureClassifier,
 ) -> dict[str, list[History]]:
-    """Every run, here or in ``jobs`` processes; histories by method, in seed order."""
-    finished: dict[tuple[str, int], History] = {}
-    with _bar(config, len(runs), "distill", unit="run") as bar:
-        for (name, seed), history in _finished_runs(config, runs, splits, teacher):
+    """Every run, here or in ``jobs`` processes, or from the run store when it already finished
+    with the same settings; histories by method, in seed order."""
+    store = RunStore(config)
+    finished = {run: store.load(*run) for run in runs}
+    finished = {run: history for run, history in finished.items() if history is not None}
+    todo = [run for run in runs if run not in finished]
+    with _bar(config, len(todo), "distill", unit="run") as bar:
+        for (name, seed), history in _finished_runs(config, todo, splits, teacher):
+            store.save(name, seed, history)
             finished[name, seed] = history
             bar.set_postfix(last=f"{name} seed {seed}: {history.final_accuracy:.4f}", refresh=False)
             bar.update()
@@ -198,6 +204,51 @@ def _train_runs(
         name: [finished[name, seed] for seed in range(config.seed_count(name))]
         for name in config.methods
     }
+
+
+# Settings that do not change a run's result: where it is written, how runs are scheduled, and
+# which other runs the command asks for.
+_NOT_IN_RUN_KEY = ("methods", "seeds", "seeds_for", "preset", "out", "jobs", "progress")
+
+
+class RunStore:
+    """Finished runs, one JSON file each in ``<out>/runs/``, so that an interrupted or extended
+    study (more methods, more seeds) trains only what is missing.
+
+    A file is reused only when its key — every setting that can change the run (all of
+    :class:`DistillConfig` but :data:`_NOT_IN_RUN_KEY`), the method and the seed — is this
+    config's; the code's commit is recorded, not keyed: delete the folder after changing what a
+    run computes.
+    """
+
+    def __init__(self, config: DistillConfig) -> None:
+        self.folder = config.out / "runs"
+        settings = _jsonable(config)
+        self.settings = {k: v for k, v in settings.items() if k not in _NOT_IN_RUN_KEY}
+
+    def _path(self, name: str, seed: int) -> Path:
+        return self.folder / f"{name}-seed{seed}.json"
+
+    def _key(self, name: str, seed: int) -> dict[str, Any]:
+        return {**self.settings, "method": name, "seed": seed}
+
+    def load(self, name: str, seed: int) -> History | None:
+        path = self._path(name, seed)
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("key") != self._key(name, seed):
+            return None
+        return History(**record["history"])
+
+    def save(self, name: str, seed: int, history: History) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "key": self._key(name, seed),
+            "commit": _commit(),
+            "history": dataclasses.asdict(history),
+        }
+        self._path(name, seed).write_text(json.dumps(record) + "\n")
 
 
 def _finished_runs(

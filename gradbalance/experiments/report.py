@@ -13,6 +13,7 @@ from gradbalance.experiments.training import History
 __all__ = [
     "FIXED_WEIGHT_PREFIXES",
     "format_table",
+    "headline",
     "paired_differences",
     "summarize",
     "summarize_method",
@@ -156,3 +157,21 @@ def _paired_cell(paired: Mapping[str, Any], name: str) -> str:
         return ""
     interval = f" [{entry['low']:+.1f}, {entry['high']:+.1f}]" if "low" in entry else ""
     return f"{entry['mean']:+.1f}{interval} {entry['fewer']}/{entry['more']}"
+
+
+def headline(results: Mapping[str, Any]) -> str:
+    """One line that says what the table shows: the method with the fewest mean errors, and
+    each balanced or rival method against the best fixed weight, paired by seed."""
+    methods: Mapping[str, Mapping[str, Any]] = results["methods"]
+    best = min(methods, key=lambda name: methods[name]["errors_mean"])
+    line = f"Fewest test errors: {best} ({methods[best]['errors_mean']:.1f} on average)"
+    paired = results.get("paired", {})
+    if not paired:
+        return line + "."
+    reference = paired["reference"]
+    parts = [
+        f"{name} {entry['mean']:+.1f} ({entry['fewer']} of {entry['n']} seeds fewer)"
+        for name, entry in paired["methods"].items()
+        if not name.startswith(FIXED_WEIGHT_PREFIXES) and name != "student"
+    ]
+    return f"{line}; against the best fixed weight, {reference}: " + ", ".join(parts) + "."
