@@ -304,7 +304,7 @@ def test_select_lr_picks_the_fewest_validation_errors():
 
 def test_select_lr_ties_go_to_the_smaller_lr_and_nan_never_wins():
     assert select_lr(lambda lr: 7, [0.3, 0.1, 0.03]).lr == 0.03
-    assert select_lr(lambda lr: {0.01: 9, 0.03: 5, 0.1: 5}[lr], MNIST_LR_GRID).lr == 0.03
+    assert select_lr(lambda lr: {0.01: 9, 0.03: 5, 0.1: 5}[lr], [0.01, 0.03, 0.1]).lr == 0.03
     assert select_lr(lambda lr: math.nan if lr < 0.05 else 80.0, MNIST_LR_GRID).lr == 0.1
     with pytest.raises(ValueError, match="NaN"):
         select_lr(lambda lr: math.nan, MNIST_LR_GRID)

@@ -246,3 +246,18 @@ def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path):
 
     changed = run_distill(dataclasses.replace(config, lr=3e-3), "another lr")
     assert changed.results["methods"]["student"]["errors"][0] != 12345
+
+
+def test_k3_records_every_pairs_conflict(digits, teacher):
+    from gradbalance.experiments.report import summarize_method
+    from gradbalance.experiments.training import History, step_statistics
+
+    _, _, update, losses = built("mokd-subspace-k3", digits, teacher)
+    stats = update(losses, None)
+    scalars = step_statistics(losses, stats)
+    gram = stats["gram"]
+    assert set(scalars) >= {"conflict", "conflict_0_2", "conflict_1_2"}
+    assert scalars["conflict_1_2"] == gram[1, 2] and scalars["conflict"] == gram[0, 1]
+    steps = {"conflict_1_2": {"step": [0, 1, 2, 3], "value": [-1.0, 2.0, -3.0, 4.0]}}
+    summary = summarize_method([History([0.5], 5, steps, 1.0)])
+    assert summary["conflict_1_2_share"] == 0.5

@@ -110,7 +110,7 @@ PRIMARY_LAST = ("pcd",)
 # gradbalance distill --dataset mnist --validation 10000 --methods dot-lr0.01 dot-lr0.03 \
 #     dot-lr0.1 dot-lr0.3 --seeds 1 --out runs/mnist-dot-lr
 DOT_WEIGHTS = (0.9, 0.1)
-DOT_LR = 0.1
+DOT_LR = 0.03
 # Hinton et al.'s fixed weighting: a lower weight on the hard targets, 0.9 · T²·KL + 0.1 · CE —
 # under Adam(W) only the ratio of the weights matters, so 9 · L_kl + L_ce.
 HINTON_WEIGHT = 9.0

@@ -31,7 +31,8 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 def summarize_method(runs: Sequence[History]) -> dict[str, Any]:
     """Over seeds: final test accuracy and test errors (mean, sample std — 0 for one seed — and
     the values), run time; where the runs recorded them, the share of steps whose log-loss
-    gradients conflict (GrC < 0) and the mean π of the distillation objective."""
+    gradients conflict (GrC < 0) and the mean π of the distillation objective; for k ≥ 3 the
+    share of every other pair's conflicting steps (``conflict_<i>_<j>_share``)."""
     summary = {
         **_spread("accuracy", "accuracies", [run.final_accuracy for run in runs]),
         **_spread("errors", "errors", [run.test_errors for run in runs]),
@@ -44,6 +45,10 @@ def summarize_method(runs: Sequence[History]) -> dict[str, Any]:
         recorded = [run.steps[statistic]["value"] for run in runs if statistic in run.steps]
         if recorded:
             summary[key] = statistics.fmean(measure(values) for values in recorded)
+    pairs = sorted(name for name in runs[0].steps if name.startswith("conflict_"))
+    for pair in pairs:  # k ≥ 3: the share of conflicting steps of every other pair
+        shares = [statistics.fmean(v < 0 for v in run.steps[pair]["value"]) for run in runs]
+        summary[f"{pair}_share"] = statistics.fmean(shares)
     return summary
 
 

@@ -155,7 +155,8 @@ def step_statistics(
 
     ``loss_task`` (the last loss) always; ``loss_distill`` (the first) when k ≥ 2; and, when the
     update reports them (:attr:`gradbalance.MultiObjectiveOptimizer.stats`), ``pi_distill``
-    (π_1), ``conflict`` (GrC), ``cosine`` (cos(g_1, g_2)) and ``dominance`` (GrD).
+    (π_1), ``conflict`` (GrC), ``cosine`` (cos(g_1, g_2)) and ``dominance`` (GrD); for k ≥ 3 also
+    ``conflict_<i>_<j>``, ⟨g_i, g_j⟩ of the other pairs (0-based).
     """
     scalars = {"loss_task": losses[-1]}
     if len(losses) > 1:
@@ -166,6 +167,11 @@ def step_statistics(
         scalars.update(
             conflict=stats["conflict"], cosine=stats["cosine"][0, 1], dominance=stats["dominance"]
         )
+        gram = stats["gram"]
+        if len(gram) > 2:  # every other pair too, e.g. [L_kl, L_feat, L_ce]'s feature and task
+            for i in range(len(gram)):
+                for j in range(max(i + 1, 2), len(gram)):
+                    scalars[f"conflict_{i}_{j}"] = gram[i, j]
     return scalars
 
 
