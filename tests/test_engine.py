@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradbalance import engine
+from gradbalance import buffers, engine
 from gradbalance.weighting import min_norm_weights
 
 
@@ -119,16 +119,16 @@ def test_all_finite_flags_nan_and_inf():
 
 # -- FlatGradients ------------------------------------------------------------------------------
 
-BALANCED = engine.Role.BALANCED
+BALANCED = buffers.Role.BALANCED
 
 
 def roles(balanced):
-    return [BALANCED if flag else engine.Role.PLAIN for flag in balanced]
+    return [BALANCED if flag else buffers.Role.PLAIN for flag in balanced]
 
 
 def by_role(balanced, plain=None):
     plain = balanced if plain is None else plain
-    return {BALANCED: balanced, engine.Role.OUTSIDE: balanced, engine.Role.PLAIN: plain}
+    return {BALANCED: balanced, buffers.Role.OUTSIDE: balanced, buffers.Role.PLAIN: plain}
 
 
 def parameters_of_two_dtypes():
@@ -150,7 +150,7 @@ def test_flat_gradients_gram_and_grad_equal_the_per_parameter_reference():
     params = parameters_of_two_dtypes()
     blocks = random_blocks(params, 3, seed=6)
     blocks[2] = None  # no loss reaches params[2]
-    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=3)
+    flat = buffers.FlatGradients(params, [BALANCED] * 4, num_tasks=3)
     assert len(flat.groups) == 2  # float32 and float64
     flat.store(blocks, accumulate=False)
     jacobian = torch.cat([b.reshape(3, -1).double() for b in blocks if b is not None], dim=1)
@@ -169,7 +169,7 @@ def test_flat_gradients_gram_and_grad_equal_the_per_parameter_reference():
 def test_flat_gradients_accumulate_micro_batches():
     params = parameters_of_two_dtypes()
     first, second = random_blocks(params, 2, seed=7), random_blocks(params, 2, seed=8)
-    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
+    flat = buffers.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
     flat.store(first, accumulate=False)
     flat.store(second, accumulate=True)
     total = torch.cat([(a + b).reshape(2, -1).double() for a, b in zip(first, second)], dim=1)
@@ -180,7 +180,7 @@ def test_unbalanced_parameters_stay_out_of_the_gram_and_get_their_own_coefficien
     params = parameters_of_two_dtypes()
     blocks = random_blocks(params, 2, seed=9)
     balanced = [True, True, False, True]
-    flat = engine.FlatGradients(params, roles(balanced), num_tasks=2)
+    flat = buffers.FlatGradients(params, roles(balanced), num_tasks=2)
     flat.store(blocks, accumulate=False)
     kept = torch.cat([b.reshape(2, -1).double() for b, on in zip(blocks, balanced) if on], dim=1)
     torch.testing.assert_close(flat.gram(), kept @ kept.T, rtol=1e-6, atol=1e-6)
@@ -194,7 +194,7 @@ def test_unbalanced_parameters_stay_out_of_the_gram_and_get_their_own_coefficien
 @pytest.mark.parametrize("zeroing", ["set_to_none", "zero_in_place", "none"])
 def test_grad_accumulates_like_backward_and_kept_grads_never_change(zeroing):
     params = parameters_of_two_dtypes()
-    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
+    flat = buffers.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
     coefficients = torch.tensor([1.0, 0.5], dtype=torch.float64)
     expected = [torch.zeros_like(p) for p in params]
     for seed in (10, 11, 12):
@@ -228,7 +228,7 @@ def test_gradients_from_elsewhere_get_the_combination_added():
     for param, grad in zip(params, foreign):
         param.grad = grad
     blocks = random_blocks(params, 2, seed=12)
-    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
+    flat = buffers.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
     flat.store(blocks, accumulate=False)
     coefficients = torch.tensor([2.0, -1.0], dtype=torch.float64)
     flat.write_grad(by_role(coefficients))
@@ -262,7 +262,7 @@ def test_flat_gradients_match_per_parameter_math_for_any_layout(specs, k, seed):
         for p, (_, _, _, reached) in zip(params, specs)
     ]
     balanced = [spec[2] for spec in specs]
-    flat = engine.FlatGradients(params, roles(balanced), num_tasks=k)
+    flat = buffers.FlatGradients(params, roles(balanced), num_tasks=k)
     flat.store(blocks, accumulate=False)
     kept = [b.reshape(k, -1).double() for b, on in zip(blocks, balanced) if on and b is not None]
     jacobian = torch.cat(kept, dim=1)
@@ -282,7 +282,7 @@ def test_flat_gradients_match_per_parameter_math_for_any_layout(specs, k, seed):
 def test_gram_needs_a_reached_balanced_parameter():
     params = parameters_of_two_dtypes()
     blocks = [None, None, torch.randn(2, 2, 2, 2), None]  # only params[2] is reached
-    flat = engine.FlatGradients(params, roles([True, True, False, True]), num_tasks=2)
+    flat = buffers.FlatGradients(params, roles([True, True, False, True]), num_tasks=2)
     flat.store(blocks, accumulate=False)
     with pytest.raises(ValueError, match="no loss reaches any balanced parameter"):
         flat.gram()
@@ -290,7 +290,7 @@ def test_gram_needs_a_reached_balanced_parameter():
 
 def test_the_buffer_is_written_again_only_when_no_grad_of_it_is_held():
     params = parameters_of_two_dtypes()
-    flat = engine.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
+    flat = buffers.FlatGradients(params, [BALANCED] * 4, num_tasks=2)
     coefficients = by_role(torch.tensor([1.0, 0.5], dtype=torch.float64))
     flat.store(random_blocks(params, 2, seed=13), accumulate=False)
     flat.write_grad(coefficients)
