@@ -239,7 +239,7 @@ class Balancer:
                 accumulate=accumulate,
                 grad_scaler=grad_scaler,
                 representation=shared,
-                plain_allowed=None if mode.per_task else mode.name,
+                refuse_plain_for=None if mode.per_task else mode.name,
             )
             call = Call(
                 step,

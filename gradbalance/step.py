@@ -199,14 +199,14 @@ def check_step(
     accumulate: bool,
     grad_scaler: torch.amp.GradScaler | None,
     representation: list[torch.Tensor] | None,
-    plain_allowed: str | None,
+    refuse_plain_for: str | None,
 ) -> Step:
     """The checked :class:`Step` of one backward call.
 
     Args:
         expected: what earlier calls fixed (:class:`Expected`).
-        plain_allowed: None where ``"balance": False`` groups are allowed, else the mode's name
-            for the message refusing them.
+        refuse_plain_for: the mode's name where ``"balance": False`` groups are refused (a mode
+            without per-task gradients of the parameters), else None.
 
     Raises:
         ValueError: naming the loss or the parameter at fault; nothing has changed.
@@ -214,10 +214,10 @@ def check_step(
     names, items = in_known_order(*as_losses(losses), expected)
     owned, balanced = trainable(params)
     roles = [Role.BALANCED if flag else Role.PLAIN for flag in balanced]
-    if plain_allowed is not None and Role.PLAIN in roles:
+    if refuse_plain_for is not None and Role.PLAIN in roles:
         raise ValueError(
-            f"'balance': False is for the exact and affine modes: {plain_allowed} mode computes "
-            f"no per-task gradients of the parameters, so there is nothing to leave out"
+            f"'balance': False is for the exact and affine modes: {refuse_plain_for} mode "
+            f"computes no per-task gradients of the parameters, so there is nothing to leave out"
         )
     if Role.BALANCED not in roles:
         raise ValueError("every param group has 'balance': False; nothing to balance")

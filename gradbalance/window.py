@@ -41,7 +41,7 @@ class Held:
 
     loss_sum: torch.Tensor  # (k,) float64, averaged over ranks
     count: int
-    rho: torch.Tensor  # (k,) float64
+    rho: torch.Tensor | None = None  # (k,) float64: exact mode's row scale of the window
     weights: torch.Tensor | None = None  # (k,) float64: amortized mode's π of the window
     ok: Ok = True  # the verdict on the micro-batches held (guard="device": on the device)
 
@@ -76,11 +76,18 @@ class Window:
         """The ``(k, n)`` buffers of the per-task gradients allocated now."""
         return [] if self._flat is None else self._flat.task_buffers
 
-    def opened(self, step: Step, weights: torch.Tensor | None = None) -> Held:
-        """The window with this micro-batch (pure); a first micro-batch fixes ρ and ``weights``."""
+    def opened(
+        self,
+        step: Step,
+        *,
+        rho: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> Held:
+        """The window with this micro-batch (pure); a first micro-batch fixes what the mode
+        keeps for the whole window: ``rho`` (exact mode), ``weights`` (amortized mode)."""
         if self._held is not None:
             return self._held.add(step.values)
-        return Held(step.values, 1, step.rho, weights)
+        return Held(step.values, 1, rho, weights)
 
     def buffers(self, step: Step, num_tasks: int) -> FlatGradients:
         """The flat buffers for these tensors, rebuilt only when the tensors change."""

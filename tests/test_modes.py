@@ -25,7 +25,7 @@ def run(mode, losses, params, window=None, accumulate=False, representation=None
         accumulate=accumulate,
         grad_scaler=None,
         representation=representation,
-        plain_allowed=None,
+        refuse_plain_for=None,
     )
     call = Call(
         step, window or Window(), SyncGuard(), PerTaskBackward(None), False, 0, representation

@@ -17,7 +17,7 @@ def step_of(losses, params, **kwargs):
         "accumulate": False,
         "grad_scaler": None,
         "representation": None,
-        "plain_allowed": None,
+        "refuse_plain_for": None,
     }
     return check_step(losses, params, **{**options, **kwargs})
 
@@ -67,7 +67,7 @@ def test_an_unbalanced_group_is_refused_where_the_mode_has_no_per_task_gradients
     ]
     assert trainable(groups)[1] == [True, False]
     with pytest.raises(ValueError, match="amortized mode computes no per-task"):
-        step_of([weight.sum().exp(), weight.square().sum()], groups, plain_allowed="amortized")
+        step_of([weight.sum().exp(), weight.square().sum()], groups, refuse_plain_for="amortized")
 
 
 def test_bounds_are_checked_and_made_once_per_device():

@@ -21,12 +21,12 @@ def micro_batch(weight, accumulate, offset=0.0):
         accumulate=accumulate,
         grad_scaler=None,
         representation=None,
-        plain_allowed=None,
+        refuse_plain_for=None,
     )
 
 
 def gather(window, step):
-    held = window.opened(step)
+    held = window.opened(step, rho=step.rho)
     flat = window.buffers(step, 1)
     block = [torch.stack([step.losses.sum()]).detach().expand(1, 3).clone()]
     return held, window.gather(step, held, flat, block, SyncGuard())
@@ -49,7 +49,7 @@ def test_a_window_holds_micro_batches_until_the_last_and_then_nothing():
 def test_opened_is_pure_and_discard_drops_what_is_held():
     weight = torch.randn(3, requires_grad=True)
     window = Window()
-    window.opened(micro_batch(weight, accumulate=True))
+    window.opened(micro_batch(weight, accumulate=True), rho=torch.ones(2))
     assert window.pending == 0
     gather(window, micro_batch(weight, accumulate=True))
     window.discard()

@@ -212,7 +212,7 @@ class AmortizedMode(BalancingMode):
             famo = self._advanced(famo, step.values, step.min_losses)
         opening = window.held is None
         weights = famo.weights.to(torch.float64) if opening else window.held.weights
-        held = window.opened(step, weights)
+        held = window.opened(step, weights=weights)
         coefficients = loss_coefficients(
             weights, step.shifted + FAMO_EPSILON, normalize=self.normalize
         )

@@ -50,7 +50,7 @@ class ExactMode(GramMode):
 
     def backward(self, call: Call) -> Outcome | None:
         step, window, guard = call.step, call.window, call.guard
-        held = window.opened(step)
+        held = window.opened(step, rho=step.rho)
         rho = held.rho.to(step.losses.dtype)  # the scale the rows are computed with
         step, flat, blocks = self._rows(call, rho)
         columns = None  # the rows are in the task buffers, unless:
