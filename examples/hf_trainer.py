@@ -14,7 +14,13 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from gradbalance import Balancer, kl_distillation
 
@@ -28,9 +34,20 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.balancer = balancer
+        # Trainer zeroes .grad with model.zero_grad(), which cannot see the micro-batches the
+        # Balancer holds: drop any left by a step that never completed (a micro-batch raised)
+        # where each step begins, as that zero_grad drops what loss.backward() accumulated.
+        self.add_callback(DropHeldMicroBatches(balancer))
         # Sums since the last log: the distillation loss per micro-batch, π per optimizer step.
         self._distill_sum, self._micro_batches = 0.0, 0
         self._pi_sum, self._steps = 0.0, 0
+
+    def create_optimizer(self, *args, **kwargs) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(*args, **kwargs)
+        # Its step() now refuses micro-batches that were never balanced (accumulate=True on the
+        # last micro-batch of a step), instead of stepping on no .grad.
+        self.balancer.attach(optimizer)
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
@@ -76,6 +93,16 @@ class DistillationTrainer(Trainer):
             self._distill_sum, self._micro_batches = 0.0, 0
             self._pi_sum, self._steps = 0.0, 0
         super().log(logs, *args, **kwargs)
+
+
+class DropHeldMicroBatches(TrainerCallback):
+    """Drops the micro-batches a Balancer holds when an optimizer step begins."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self.balancer.discard_micro_batches()
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -159,5 +186,6 @@ assert task_losses[-1] < task_losses[0], f"the task loss did not decrease: {task
 student_accuracy = accuracy(student, input_ids, labels)
 assert student_accuracy > 1 / CLASSES, f"the student is at chance: {student_accuracy}"
 teacher_accuracy = accuracy(teacher, input_ids, labels)
+assert trainer.balancer.pending_micro_batches == 0
 weights = {name: round(weight.item(), 3) for name, weight in trainer.balancer.named_weights.items()}
 print(f"accuracy {student_accuracy:.3f} (teacher {teacher_accuracy:.3f}), π = {weights}")

@@ -32,7 +32,11 @@ class Distillation(L.LightningModule):
         self.steps = self.clipped = 0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.student.parameters(), lr=1e-2)
+        optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-2)
+        # Lightning's optimizer.zero_grad() now drops micro-batches left by a step that never
+        # completed, and a step without its closure refuses micro-batches never balanced.
+        self.balancer.attach(optimizer)
+        return optimizer
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch

@@ -20,10 +20,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from ._inputs import LossesLike
-from .amortized import PiOptimizer
-from .balancer import Balancer, Mode, Weighting
+from .balancer import Balancer
 from .guard import Guard
+from .modes import Mode
+from .options import OPTION_NAMES
+from .step import LossesLike
 
 __all__ = ["MultiObjectiveOptimizer"]
 
@@ -63,22 +64,16 @@ class MultiObjectiveOptimizer(Optimizer):
         base: the optimizer class that takes the step (default :class:`torch.optim.AdamW`; AdamW
             and Adam get ``fused=True`` where torch supports it, unless ``fused`` or ``foreach``
             is given).
-        mode: see :class:`~gradbalance.Balancer`, as for the options below.
-        min_losses: the bounds ``m_i`` (the Balancer's).
-        normalize: the Balancer's.
-        pi_lr: the Balancer's (amortized mode).
-        pi_weight_decay: the Balancer's (amortized mode).
-        pi_optimizer: the Balancer's (amortized mode).
-        stats_every: the Balancer's (amortized mode).
-        vectorize: the Balancer's.
+        mode: the Balancer's (:mod:`gradbalance.modes`).
         guard: what a refused step does (the Balancer's): ``"sync"`` raises at once, at the cost
             of one host synchronisation per backward; ``"device"`` skips it on the device and
-            raises later (:meth:`gradbalance.Balancer.raise_deferred`). Default: ``"device"``
-            where the parameters are on CUDA and the base takes ``found_inf`` (torch's fused
-            Adam, AdamW, SGD, Adagrad: the default base is fused), else ``"sync"``.
-        weighting: exact and representation modes: another rule for π from the Gram matrix, e.g.
-            a ``torchjd.aggregation`` Weighting (the Balancer's).
-        **base_kwargs: passed to ``base`` (``lr``, ``weight_decay``, ``betas``, ``fused``, …).
+            raises later (:meth:`gradbalance.Balancer.raise_deferred`). Default (None):
+            ``"device"`` where the parameters are on CUDA and the base takes ``found_inf``
+            (torch's fused Adam, AdamW, SGD, Adagrad: the default base is fused), else ``"sync"``.
+        **kwargs: the Balancer's options (:class:`gradbalance.options.BalancingOptions`:
+            ``min_losses``, ``normalize``, ``pi_lr``, ``pi_weight_decay``, ``pi_optimizer``,
+            ``stats_every``, ``vectorize``, ``weighting``); the other keyword arguments are the
+            base's (``lr``, ``weight_decay``, ``betas``, ``fused``, …).
 
     Example::
 
@@ -97,30 +92,13 @@ class MultiObjectiveOptimizer(Optimizer):
         base: type[Optimizer] = torch.optim.AdamW,
         *,
         mode: Mode = "exact",
-        min_losses: Sequence[float] | torch.Tensor | None = None,
-        normalize: bool | None = None,
-        pi_lr: float = 0.025,
-        pi_weight_decay: float = 0.01,
-        pi_optimizer: PiOptimizer = "adamw",
-        stats_every: int = 0,
-        vectorize: bool | None = None,
         guard: Guard | None = None,
-        weighting: Weighting | None = None,
-        **base_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        self.base, self._implicitly_fused = _build_base(params, base, base_kwargs)
-        self.balancer = Balancer(
-            mode,
-            min_losses=min_losses,
-            normalize=normalize,
-            pi_lr=pi_lr,
-            pi_weight_decay=pi_weight_decay,
-            pi_optimizer=pi_optimizer,
-            stats_every=stats_every,
-            vectorize=vectorize,
-            guard=_default_guard(self.base) if guard is None else guard,
-            weighting=weighting,
-        )
+        options = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
+        self.base, self._implicitly_fused = _build_base(params, base, kwargs)
+        guard = _default_guard(self.base) if guard is None else guard
+        self.balancer = Balancer(mode, guard=guard, **options)
         self.param_groups[0][STATE_KEY] = self.balancer.state_dict()
         # torch.optim.Optimizer's own bookkeeping (hook registries, the profiled step), as its
         # __setstate__ rebuilds it; Optimizer.__init__ would also reset param_groups and state,
@@ -239,15 +217,10 @@ class MultiObjectiveOptimizer(Optimizer):
             RuntimeError: micro-batches were accumulated (``backward(..., accumulate=True)``) but
                 not balanced by a final ``backward(...)``; nothing is stepped.
         """
-        held = self.balancer.pending_micro_batches
-        if held and closure is None:
-            raise RuntimeError(
-                f"{held} micro-batch(es) were accumulated with backward(..., accumulate=True) "
-                f"but never balanced: call backward(losses) without accumulate=True on the last "
-                f"micro-batch before step()"
-            )
+        if closure is None:
+            self.balancer.window.refuse_step()
         if self.balancer.guard == "sync":
-            return self.base.step(closure)
+            return _base_step(self.base, closure)
         loss = None
         if closure is not None:  # its backward gives the verdict the step needs
             with torch.enable_grad():
@@ -261,15 +234,15 @@ class MultiObjectiveOptimizer(Optimizer):
         reading the verdict (one host synchronisation)."""
         found_inf = self.balancer.found_inf
         if found_inf is None:
-            self.base.step()
+            _base_step(self.base)
         elif getattr(self.base, "_step_supports_amp_scaling", False):
             self.base.grad_scale, self.base.found_inf = None, found_inf
             try:
-                self.base.step()
+                _base_step(self.base)
             finally:
                 del self.base.grad_scale, self.base.found_inf
         elif not found_inf.item():
-            self.base.step()
+            _base_step(self.base)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``Optimizer.state_dict`` of the base's groups and state (hooks included), with
@@ -303,6 +276,25 @@ class MultiObjectiveOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, base={self.base!r})"
+
+
+def _base_step(base: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+    """The base's step with its own step hooks (``base.register_step_pre_hook``) but not torch's
+    global ones (``register_optimizer_step_pre_hook`` / ``_post_hook``), which ran for this
+    wrapper's step: they run once per ``step()``, as for the base alone. Torch's wrapper of
+    ``step``, less the global hooks."""
+    step = type(base).step
+    if not getattr(step, "hooked", False):  # a step torch's Optimizer has not wrapped
+        return base.step(closure)
+    args, kwargs = (base, closure), {}
+    for hook in list(base._optimizer_step_pre_hooks.values()):
+        result = hook(base, args, kwargs)
+        if result is not None:
+            args, kwargs = result
+    loss = step.__wrapped__(*args, **kwargs)
+    for hook in list(base._optimizer_step_post_hooks.values()):
+        hook(base, args, kwargs)
+    return loss
 
 
 def _default_guard(base: Optimizer) -> Guard:

@@ -1,110 +1,133 @@
-"""How exact mode computes the per-task gradients: one vmapped backward, or k ordinary passes.
+"""How the per-task gradients are computed: one vmapped backward, or k ordinary passes.
 
 Which is faster depends on the model and on k (docs/performance.md, "Exact mode against its
-floor"): vmap batches the k backward passes into one, but some operators have no batching rule
-(CPU attention's backward, for one) and run slower batched than k times in a row; the k passes
-also need a k-th of vmap's memory for the gradients of the activations. With ``vectorize=None``
-the first steps of a run measure both and keep the faster.
+floor"): vmap batches the k backward passes into one, but some operators batch poorly — CPU
+attention's backward has no batching rule and loops, a batched convolution's backward is no faster
+than k of them and holds k copies of its activation gradients — and the k passes need a k-th of
+vmap's memory for the gradients of the activations.
+
+The two ways round differently in the last bits, so the choice must not depend on the machine's
+load: with ``vectorize=None`` it is made on the first balanced backward from the *operators* of the
+graph (:func:`suits_vmap`: k passes when it holds a convolution or an attention node, else vmap),
+and two runs with the same seed give the same bits. Whatever the choice, a step whose graph holds a
+reentrant checkpoint, or that runs under ``torch.autograd.detect_anomaly()`` (whose checks read
+values that vmap cannot batch), takes k ordinary passes; a vmapped backward that fails because vmap
+cannot batch an operator falls back to k passes for good (``vectorize=None``, with a warning). Any
+other error is the user's and reaches the caller.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from collections.abc import Callable, Iterator
+import re
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["PROBE_SCHEDULE", "PerTaskBackward"]
+from . import engine
+from .step import Step
 
-# The strategy of each measured step (True: vmapped): a warm-up of each (first calls allocate
-# buffers and warm caches), then two measured steps of each, interleaved.
-PROBE_SCHEDULE = (True, False, True, False, False, True)
-_WARM_UP = 2
-# vmap is kept only when it is faster by more than this: it holds k copies of every activation
-# gradient (a convolution's can outweigh its parameters many times), the k passes one.
-VMAP_MARGIN = 0.95
+__all__ = ["PerTaskBackward", "is_vmap_failure", "suits_vmap"]
+
+# Nodes whose vmapped backward is slower than k passes, or k-fold in memory (the measured table
+# of docs/performance.md): convolutions, and attention (no batching rule on the CPU).
+_POORLY_BATCHED = re.compile(r"Convolution|ScaledDotProduct|Attention")
+# What vmap's own "cannot batch this" errors say (an inductor-compiled backward, which reads the
+# data pointer of a batched tensor, says the last).
+_VMAP_FAILURE = re.compile(
+    r"batching rule|vmap|functorch|batched tensor|doesn't have storage", re.IGNORECASE
+)
+
+
+def suits_vmap(kinds: frozenset[str]) -> bool:
+    """Whether a graph whose autograd nodes are of these ``kinds`` (class names) gets its per-task
+    gradients from one vmapped backward rather than k passes."""
+    return not any(_POORLY_BATCHED.search(kind) for kind in kinds)
+
+
+def is_vmap_failure(error: BaseException) -> bool:
+    """Whether ``error`` is vmap's refusal to batch an operator, not an error of the user's code."""
+    return isinstance(error, RuntimeError) and bool(_VMAP_FAILURE.search(str(error)))
 
 
 class PerTaskBackward:
     """The choice between the vmapped backward and k passes, made once per run.
 
     Args:
-        vectorize: ``True`` or ``False`` fixes the choice; ``None`` measures both on the first
-            :data:`PROBE_SCHEDULE` eligible steps (single process, no accumulation window) and
-            keeps the faster by its best time — vmap only when it is faster by more than 5 %
-            (:data:`VMAP_MARGIN`), since the k passes hold less memory. On CUDA the measured
-            steps synchronise the device (the only host synchronisations the choice costs, once
-            per run).
+        vectorize: ``True`` or ``False`` fixes the choice; ``None`` makes it on the first
+            balanced backward (:meth:`settle`) by :func:`suits_vmap`.
     """
 
     def __init__(self, vectorize: bool | None) -> None:
         self.fixed = vectorize is not None
         self.choice: bool | None = vectorize
-        self.vmap_ran = False  # a vmapped backward has succeeded in this run
-        self._best = {True: math.inf, False: math.inf}  # the best measured time of each
-        self._probes = 0
+        self._vmap_ran = False  # a vmapped backward has succeeded in this run
 
-    @property
-    def probing(self) -> bool:
-        return self.choice is None
+    def plan(self, step: Step) -> bool:
+        """Whether this step's per-task gradients come from one vmapped backward (pure)."""
+        if step.by_backward or torch.is_anomaly_enabled():
+            return False
+        return suits_vmap(step.kinds) if self.choice is None else self.choice
 
-    def plan(
-        self, eligible: bool, device: torch.device, completed: Callable[[], bool]
-    ) -> tuple[bool, contextlib.AbstractContextManager]:
-        """The strategy for this step (True: vmapped) and a context manager to run it in, which
-        measures it when this is a measured step of the probe; ``completed()`` tells afterwards
-        whether the step counts (a step skipped under a grad scaler does not)."""
-        if self.choice is not None:
-            return self.choice, contextlib.nullcontext()
-        if not eligible:
-            return True, contextlib.nullcontext()
-        vectorized = PROBE_SCHEDULE[self._probes]
-        return vectorized, self._measured(vectorized, device, completed)
+    def settle(self, step: Step) -> None:
+        """Keeps the choice of a step that went through (``vectorize=None``, first step)."""
+        if self.choice is None and not step.by_backward and not torch.is_anomaly_enabled():
+            self.choice = suits_vmap(step.kinds)
 
-    def fall_back(self) -> None:
-        """vmap cannot run this graph: k passes from now on."""
-        self.choice = False
-
-    @contextlib.contextmanager
-    def _measured(
-        self, vectorized: bool, device: torch.device, completed: Callable[[], bool]
-    ) -> Iterator[None]:
-        _synchronize(device)
-        start = time.perf_counter()
-        yield  # a step that raises is not counted
-        _synchronize(device)
-        if self.choice is not None or not completed():  # vmap failed, or the step was skipped
-            return
-        if self._probes >= _WARM_UP:
-            elapsed = time.perf_counter() - start
-            self._best[vectorized] = min(self._best[vectorized], elapsed)
-        self._probes += 1
-        if self._probes == len(PROBE_SCHEDULE):
-            self.choice = self._best[True] < VMAP_MARGIN * self._best[False]
+    def blocks(
+        self,
+        losses: torch.Tensor,
+        rho: torch.Tensor,
+        tensors: Sequence[torch.Tensor],
+        *,
+        retain_graph: bool,
+        vectorized: bool,
+        by_backward: bool = False,
+    ) -> engine.Blocks:
+        """Per-task gradients ``ρ_i ∇L_i`` of ``losses`` for ``tensors``
+        (:func:`gradbalance.engine.task_gradients`), vmapped or by k passes; a vmapped backward
+        that vmap cannot run falls back to the k passes (``vectorize=None``, before any vmapped
+        backward succeeded in this run: the first try then keeps the graph for them)."""
+        if not vectorized or self.choice is False:
+            return engine.task_gradients(
+                losses,
+                rho,
+                tensors,
+                vectorize=False,
+                retain_graph=retain_graph,
+                by_backward=by_backward,
+            )
+        may_fall_back = not self.fixed and not self._vmap_ran
+        try:
+            blocks = engine.task_gradients(
+                losses, rho, tensors, vectorize=True, retain_graph=retain_graph or may_fall_back
+            )
+        except RuntimeError as error:
+            if not (may_fall_back and is_vmap_failure(error)):
+                raise
+            warnings.warn(
+                f"the vectorised per-task backward failed ({error}); using "
+                f"{len(losses)} sequential backward passes from now on",
+                stacklevel=6,
+            )
+            self.choice = False
+            return engine.task_gradients(
+                losses, rho, tensors, vectorize=False, retain_graph=retain_graph
+            )
+        self._vmap_ran = True
+        return blocks
 
     def state_dict(self) -> dict[str, Any]:
-        """The choice, or how far the measurement has got (a run resumed during it goes on
-        from there): plain values, the same structure at every point of a run."""
-        return {
-            "choice": self.choice,
-            "probes": self._probes,
-            "best": [self._best[True], self._best[False]],
-        }
+        """The choice (None: not made yet). ``"probes"`` and ``"best"`` keep the layout of the
+        states of earlier versions, which timed the first steps; they are always 0 and
+        ``[inf, inf]`` now."""
+        return {"choice": self.choice, "probes": 0, "best": [math.inf, math.inf]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Loads a :meth:`state_dict` (``None``: a state saved before the choice existed). A
-        fixed ``vectorize`` stays as it is."""
-        if self.fixed:
-            return
-        state = state or {"choice": None, "probes": 0, "best": [math.inf, math.inf]}
-        self.choice = state["choice"]
-        self._probes = int(state["probes"])
-        self._best = dict(zip((True, False), map(float, state["best"]), strict=True))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        """Loads a :meth:`state_dict` (``None``: a state saved before the choice existed; a state
+        saved while an earlier version was timing its first steps: not made yet). A fixed
+        ``vectorize`` stays as it is."""
+        if not self.fixed:
+            self.choice = None if state is None else state["choice"]

@@ -47,43 +47,19 @@ _VALUE_ROUNDING = 16 * np.finfo(np.float64).eps
 
 
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
-    """The exact minimum-norm point of the convex hull of the gradients (MGDA; docs/method.md).
+    """The exact minimum-norm point of the convex hull of the gradients (MGDA; docs/method.md):
+    ``π* = argmin_{π ∈ Δ} ½ πᵀ G π`` over the simplex ``Δ = {π ≥ 0, Σ π_i = 1}``.
 
-    Solves ``π* = argmin_{π ∈ Δ} ½ πᵀ G π`` over the simplex ``Δ = {π ≥ 0, Σ π_i = 1}``.
-
-    * k = 2, on gram's device with torch operations only (no host synchronisation): the clipped
-      closed form ``π_1 = clip((G22 − G12) / (G11 + G22 − 2 G12), 0, 1)``, ``π_2 = 1 − π_1``,
-      after dividing G by max(G11, G22). When ``‖g_1 − g_2‖² ≤ 1e-12 max(G11, G22)`` (identical
-      gradients, or both zero) π = (½, ½).
-    * k ≥ 3, on the host in float64 numpy (on CUDA: one synchronisation to copy G to the CPU):
-      Wolfe's minimum-norm-point algorithm, an exact primal active-set method that ends after
-      finitely many steps, run on the correlation matrix with a ridge ``ε = 1e-12`` relative to
-      each task's norm (the objective solved is ``πᵀ (G + ε diag G) π``; ‖d‖² ends at most
-      ``ε Σ π*_i² ‖g_i‖²`` above the exact minimum). It stops when every task j satisfies
-      ``(⟨g_j, d⟩ − ‖d‖²) / (‖g_j‖ ‖d‖) ≥ −1e-11`` (norms of the ridged problem, where ‖d‖ > 0);
-      or, where rounding dominates, when a step would bring back an earlier support or raise
-      ‖d‖² by more than 16 ulp; or after ``50 k + 100`` steps. Each accepted step keeps ‖d‖²
-      within 16 ulp of the best value seen, so the point returned is the best one found. A
-      correlation matrix made slightly indefinite by rounding is first projected onto the PSD
-      cone (its negative eigenvalues set to 0). Cost: one r×r solve per face visited, about
-      k of them; k = 16 takes ~1 ms (``benchmarks/scripts/solver_time.py``).
-
-    Degenerate cases (k ≥ 3), handled before the solve:
-
-    * zero gradients (``G_ii ≤ 1e-280 max_j G_jj``): π is uniform over them and ``d = 0``, the
-      true min-norm answer (the point is Pareto-stationary); all-zero G gives the uniform π.
-    * duplicates (``‖g_i − g_j‖² ≤ 1e-15 (G_ii + G_jj)``): solved as one task, represented by the
-      lowest index; its weight is split equally among the copies.
-
-    Tie-breaking: the ridged problem is strictly convex, so its solution is unique and does not
-    depend on the order of the tasks (up to the tolerances above). Along the way the method starts
-    from the smallest gradient and adds the task with the most negative test, the lowest index on
-    exact ties; the path may depend on the order, the point it converges to does not.
-
-    Non-finite G gives π = NaN.
+    k = 2: the clipped closed form ``π_1 = clip((G22 − G12) / (G11 + G22 − 2 G12), 0, 1)`` on
+    gram's device, with no host synchronisation (π = (½, ½) for identical or zero gradients).
+    k ≥ 3: Wolfe's minimum-norm-point algorithm (an exact active-set method) in float64 on the host
+    — on CUDA one synchronisation — on the correlation matrix with a ridge of 1e-12 relative to
+    each task's norm; zero and duplicate gradients are handled first, and the point does not
+    depend on the order of the tasks. The tolerances are the constants at the top of this module;
+    k = 16 takes ~1 ms (``benchmarks/scripts/solver_time.py``). Non-finite G gives π = NaN.
 
     Args:
-        gram: ``(k, k)`` symmetric positive semi-definite matrix, ``k ≥ 2``.
+        gram: ``(k, k)`` symmetric positive semi-definite, ``k ≥ 2``.
 
     Returns:
         π, ``(k,)`` float64 on gram's device, on the simplex.

@@ -160,7 +160,7 @@ def test_optimizer_steps_with_a_torchjd_weighting_and_keeps_it_across_copies():
         opt.backward(problem.losses()[0])
         opt.step()
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert isinstance(clone.balancer._mode.weighting, aggregation.UPGradWeighting)
+        assert isinstance(clone.balancer.options.weighting, aggregation.UPGradWeighting)
         torch.testing.assert_close(clone.weights, opt.weights)
 
 

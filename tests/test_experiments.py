@@ -349,7 +349,7 @@ def test_torchjd_baselines_are_exact_mode_with_torchjd_weightings(digits, teache
     assert isinstance(objectives.projector, IndefiniteSubspaceProjector)
     optimizer = update.optimizer
     assert optimizer.mode == "exact"
-    weighting = optimizer.balancer._mode.weighting
+    weighting = optimizer.balancer.options.weighting
     assert isinstance(weighting, aggregation.Weighting)
     x, y, index = first_batch(digits)
     output = student(x)

@@ -193,9 +193,10 @@ def floor(problem: Problem) -> Step:
 def balanced(mode: str, vectorize: bool | None = None) -> Callable[[Problem], Step]:
     """The builder of ``MultiObjectiveOptimizer(mode=mode, vectorize=vectorize)``'s step.
 
-    With ``vectorize=None`` exact mode measures the vmapped backward against k passes on its
-    first steps (``gradbalance.strategy``); the builder runs those steps, so that what is timed
-    is the step of the choice made.
+    With ``vectorize=None`` exact mode chooses between the vmapped backward and k passes on its
+    first step (``gradbalance.strategy``; versions before issue 17 timed their first six); the
+    builder runs the steps until the choice is made, so that what is timed is the step of the
+    choice.
     """
 
     def build(problem: Problem) -> Step:

@@ -295,7 +295,7 @@ def sync_free_case(mode: str | None, k: int, device: Any, steps: int = 3) -> str
 
     try:
         step(guarded=False)
-        # vectorize=None times its first steps (synchronising) to choose the per-task backward
+        # vectorize=None chooses the per-task backward on its first step (from the graph)
         while mode == "exact" and optimizer.balancer.vectorize is None:
             step(guarded=False)
         for _ in range(steps):

@@ -1,0 +1,140 @@
+"""Exact and affine modes: π from the Gram matrix of the per-task log-loss gradients of the
+parameters.
+
+The per-task gradients are computed as rows ``r_i = ρ_i ∇̄L_i`` — ``∇̄L_i`` the gradient of loss
+i (the mean over the micro-batches of an accumulation window), ``ρ_i`` the scale it was computed
+with (``S / D_i`` for the window's first micro-batch, ``S`` a grad scaler's scale,
+``D_i = L_i − m_i``: :attr:`gradbalance.step.Step.rho`). With ``D̄_i`` the window's mean shifted
+loss, the log-loss gradients (docs/method.md, "Objectives") are ``g_i = ∇̄L_i / D̄_i = f_i r_i``
+with ``f_i = 1 / (ρ_i D̄_i)``: one scale per row, so the Gram matrix of the g_i is the rows' Gram
+matrix rescaled (:func:`~gradbalance.modes.base.log_loss_gram`), and the direction
+``d = Σ π_i g_i`` is a combination of the rows (:func:`row_coefficients`). The rows are of order
+one whatever the scale of the losses, so their float32 products neither underflow nor overflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import engine
+from ..buffers import Blocks, FlatGradients, Role
+from ..guard import Ok, both, poisoned
+from ..step import Step
+from ..weighting import loss_coefficients
+from .base import Call, GramMode, Outcome, log_loss_gram
+
+__all__ = ["ExactMode", "row_coefficients"]
+
+
+class ExactMode(GramMode):
+    """``"exact"`` (MoKD eq. 9, MGDA): per-task gradients from one vmapped backward or k passes
+    (:mod:`gradbalance.strategy`), their Gram matrix accumulated in float64,
+    ``π = argmin_{π ∈ Δ} ‖Σ π_i g_i‖²`` solved exactly
+    (:func:`gradbalance.weighting.min_norm_weights`): ``d`` never conflicts with any objective,
+    ``⟨d, g_i⟩ ≥ ‖d‖² ≥ 0``. ``"affine"``: the paper's Theorem 3.1 without π ≥ 0
+    (:func:`gradbalance.weighting.affine_weights`), for reproducing the paper only — it stops
+    training when the objectives agree.
+
+    A param group with ``"balance": False`` stays out of the Gram matrix and gets the plain sum of
+    the objectives (π_i = 1). With micro-batches the rows of each are summed in a ``(k, n)``
+    buffer and π is computed once, from their mean, on the last.
+
+    Args:
+        name: ``"exact"`` or ``"affine"``. weighting: π from the Gram matrix. normalize: see
+            :class:`~gradbalance.modes.base.BalancingMode`.
+    """
+
+    per_task = True
+
+    def backward(self, call: Call) -> Outcome | None:
+        step, window, guard = call.step, call.window, call.guard
+        held = window.opened(step, rho=step.rho)
+        rho = held.rho.to(step.losses.dtype)  # the scale the rows are computed with
+        step, flat, blocks = self._rows(call, rho)
+        columns = None  # the rows are in the task buffers, unless:
+        verdict: Ok | None = True
+        if blocks is not None and window.pending == 0 and step.single:
+            columns = flat.as_columns(blocks)  # one batch, one process: no (k, n) copy
+        else:
+            verdict = window.gather(step, held, flat, blocks, guard)
+        del blocks  # in the buffers or in columns: the rest would only hold memory
+        if verdict is None:
+            return None
+        shifted = held.mean - step.min_losses
+        rho64 = rho.to(torch.float64)
+        gram = log_loss_gram(step.layout.global_gram(flat.gram(columns)), rho64, shifted)
+        ok = guard.check(
+            held.mean,
+            step.min_losses,
+            gram.isfinite().all(),
+            step.names,
+            culprits=lambda: flat.nonfinite_rows(columns),
+            allow_nonfinite=step.scaled,
+        )
+        weights, valid = self.weighting.weights(gram, ok, guard, self.normalize)
+        ok = both(both(ok, verdict), valid)
+        guard.conclude(ok)
+        balanced = poisoned(
+            row_coefficients(weights, rho64, shifted, step.scale, normalize=self.normalize), ok
+        )
+        plain = row_coefficients(
+            torch.ones_like(weights), rho64, shifted, step.scale, normalize=self.normalize
+        )
+        written = flat.write_grad(
+            {Role.BALANCED: balanced, Role.OUTSIDE: balanced, Role.PLAIN: plain}, columns
+        )
+        engine.run_post_accumulate_grad_hooks(written)
+        return Outcome(weights, gram, ok)
+
+    def _rows(self, call: Call, rho: torch.Tensor) -> tuple[Step, FlatGradients, Blocks | None]:
+        """The per-task gradients ``ρ_i ∇L_i``, their buffers, and their blocks — or ``None``
+        where the k passes went straight into the buffers' rows (no micro-batch held, so that
+        nothing is spoilt if this one is refused)."""
+        step, window = call.step, call.window
+        k = len(step.losses)
+        vectorized = call.strategy.plan(step)
+        if not step.layout.sharded and not vectorized and window.pending == 0:
+            flat = window.buffers(step, k)
+            passes = engine.backward_passes(
+                step.losses,
+                step.tensors,
+                scales=rho,
+                retain_graph=call.retain_graph,
+                by_backward=step.by_backward,
+            )
+            with contextlib.closing(passes):
+                for task, gradients in enumerate(passes):  # one pass's gradients at a time
+                    engine.require_dense(gradients, step.describe)
+                    flat.store_row(task, gradients)
+            return step, flat, None
+        blocks = call.strategy.blocks(
+            step.losses,
+            rho,
+            step.tensors,
+            retain_graph=call.retain_graph,
+            vectorized=vectorized,
+            by_backward=step.by_backward,
+        )
+        engine.require_dense(blocks, step.describe)
+        step, blocks = step.reached_only(blocks)
+        return step, window.buffers(step, k), blocks
+
+
+def row_coefficients(
+    weights: torch.Tensor,
+    rho: torch.Tensor,
+    shifted_mean: torch.Tensor,
+    scale: torch.Tensor | None,
+    *,
+    normalize: bool,
+) -> torch.Tensor:
+    """Coefficients on the rows that give ``S · d``: ``S c_i / ρ_i``, ``(k,)`` float64.
+
+    ``c = loss_coefficients(π, D̄, normalize)`` are the coefficients on the raw gradients
+    (:func:`gradbalance.weighting.loss_coefficients`); ``∇̄L_i = r_i / ρ_i``. ``.grad`` holds the
+    scaled direction ``S · d`` for the grad scaler to unscale.
+    """
+    coefficients = loss_coefficients(weights, shifted_mean, normalize=normalize) / rho
+    return coefficients if scale is None else coefficients * scale
