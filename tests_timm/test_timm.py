@@ -283,7 +283,8 @@ def test_with_a_multi_objective_optimizer_the_scaler_does_what_opt_backward_does
     updated = []
     for through_scaler in (False, True):
         task = make_task("logit")
-        opt = MultiObjectiveOptimizer(parameters(task), lr=1e-2)
+        timm_optimizer = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=1e-2)
+        opt = MultiObjectiveOptimizer(timm_optimizer)
         result = task(x, y)
         if through_scaler:
             BalancedScaler(opt.balancer)(result, opt)
