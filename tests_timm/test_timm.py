@@ -161,6 +161,12 @@ def test_task_losses_refuses_an_output_with_nothing_to_balance():
         task_losses(task(*batch(dtype=torch.float32)))
 
 
+def test_task_losses_refuses_the_fixed_weight_loss():
+    result = make_task("logit")(*batch())
+    with pytest.raises(TypeError, match="not `result\\['loss'\\]`"):
+        task_losses(result["loss"])
+
+
 # -- the balanced .grad --------------------------------------------------------------------------
 
 

@@ -49,9 +49,16 @@ def task_losses(result: Mapping[str, Tensor]) -> dict[str, Tensor]:
     (distillation, task). The fixed-weight ``"loss"`` is left out: it is what balancing replaces.
 
     Raises:
+        TypeError: ``result`` is not a mapping (say, the task's ``"loss"`` where train.py's
+            ``_backward(loss)`` was left as it was).
         KeyError: ``result`` lacks ``"task_loss"`` or a distillation loss (a
             ``ClassificationTask`` returns only ``"loss"``: there is nothing to balance).
     """
+    if not isinstance(result, Mapping):
+        raise TypeError(
+            f"expected the task's output, a dict with 'task_loss' and 'kd_loss', got "
+            f"{type(result).__name__}: pass `result`, not `result['loss']`"
+        )
     distill = next((key for key in DISTILL_KEYS if key in result), None)
     if distill is None or "task_loss" not in result:
         raise KeyError(
