@@ -222,6 +222,8 @@ def balanced_update(task, clip_mode: str, clip_grad: float) -> None:
     optimizer = create_optimizer_v2(task.get_trainable_module(), opt="sgd", lr=0.1)
     parts = micro_batches()
     results = [task(images, labels) for images, labels in parts]
+    for result in results:
+        result["loss"] /= len(parts)  # as train.py's _forward does, in place: the scaler ignores it
     scaler = BalancedScaler(Balancer(weighting=fixed_weights(task, results)))
     for index, result in enumerate(results):
         clip = task.get_clip_parameters(exclude_head="agc" in clip_mode)
