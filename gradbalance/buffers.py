@@ -97,7 +97,8 @@ class _Slot:
         if tuple(real.stride()) == (self.size, *self.strides) or self.size == 0:
             return real.as_strided((k, self.size), (self.size, 1), real.storage_offset())
         ordered = real.new_empty(k, self.size)
-        self.rows(ordered).copy_(real)
+        # The slot's layout within its own (k, size) rows: offset 0, not the slot's start in n.
+        ordered.as_strided((k, *self.shape), (self.size, *self.strides)).copy_(real)
         return ordered
 
 

@@ -156,21 +156,37 @@ def test_a_frame_cached_without_grad_is_recomputed_when_a_graph_is_needed(qr_cal
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
-def test_exact_mode_balances_through_the_cached_frame(vectorize):
+@pytest.mark.parametrize(
+    "make",
+    [lambda: IndefiniteSubspaceProjector(6, 4), lambda: VkDProjector(4, 6)],
+    ids=["subspace", "wide-vkd"],
+)
+def test_exact_mode_balances_through_the_cached_frame(vectorize, make):
     """k per-task backward passes (vmapped or not) reuse one frame; the balanced gradient equals
-    the float64 reference Σ π_i ∇L_i computed with geotorch-free autograd."""
+    the float64 reference Σ π_i ∇L_i computed with plain autograd. A wide frame (VkD with the
+    wider student) gets its gradient as a transposed view, which the per-task buffers lay out in
+    the parameter's order."""
     torch.manual_seed(0)
-    proj = IndefiniteSubspaceProjector(6, 4).to(F64)
-    params = list(proj.parameters())
-    opt = MultiObjectiveOptimizer(params, lr=1e-3, vectorize=vectorize)
+    proj = make().to(F64)
+    wide = isinstance(proj, VkDProjector)
+    # A parameter before the projector's, so that the frames' slots do not start the buffer.
+    scale = nn.Parameter(torch.tensor(1.5, dtype=F64))
     z_s, z_t = torch.randn(8, 4, dtype=F64), torch.randn(8, 6, dtype=F64)
-    losses = [proj.loss(z_s, z_t), proj.similarity(z_s, z_t).pow(2).mean()]
-    opt.backward(losses)
+    if wide:
+        z_s, z_t = z_t, z_s
+
+    def objectives(module, factor):
+        return [module.loss(factor * z_s, z_t), module.similarity(factor * z_s, z_t).pow(2).mean()]
+
+    params = [scale, *proj.parameters()]
+    opt = MultiObjectiveOptimizer(params, lr=1e-3, vectorize=vectorize)
+    opt.backward(objectives(proj, scale))
     pi = opt.weights
 
-    reference = copy.deepcopy(proj)
-    ref_losses = [reference.loss(z_s, z_t), reference.similarity(z_s, z_t).pow(2).mean()]
-    grads = [torch.autograd.grad(loss, list(reference.parameters())) for loss in ref_losses]
+    reference, ref_scale = copy.deepcopy(proj), scale.detach().clone().requires_grad_(True)
+    ref_losses = objectives(reference, ref_scale)
+    ref_params = [ref_scale, *reference.parameters()]
+    grads = [torch.autograd.grad(loss, ref_params) for loss in ref_losses]
     for index, param in enumerate(params):
         expected = sum(
             weight * grad[index] / loss.detach()
