@@ -123,6 +123,9 @@ def test_the_long_preset_fills_what_the_command_line_leaves_open():
     # --seeds wins over the preset's per-method seeds (one cell: --seeds 1)
     one = DistillConfig(dataset="mnist", preset="long", seeds=1, methods=("mokd-exact",))
     assert one.resolved().seed_count("mokd-exact") == 1 and one.resolved().epochs == preset.epochs
+    # --methods beside the preset: the preset's seeds for those methods only
+    some = DistillConfig(dataset="mnist", preset="long", methods=("dot", "student")).resolved()
+    assert some.seeds_for == (("student", 5),) and some.seed_count("dot") == 3
     with pytest.raises(ValueError, match="mnist only"):
         DistillConfig(dataset="digits", preset="long").resolved()
     assert {"dot", "pcd", "mokd-subspace", "mokd-subspace-k3", "mokd-vkd"} <= set(MNIST_METHODS)

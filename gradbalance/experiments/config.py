@@ -408,7 +408,10 @@ class DistillConfig:
                 raise ValueError(f"--preset {self.preset} is for --dataset mnist only")
             defaults.update(methods=preset.methods, epochs=preset.epochs)
             if self.seeds is None:
-                defaults["seeds_for"] = preset.seeds_for
+                methods = self.methods or preset.methods
+                defaults["seeds_for"] = tuple(
+                    (name, count) for name, count in preset.seeds_for if name in methods
+                )
         chosen = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         if self.out is None:
             chosen["out"] = Path("runs") / self.dataset
