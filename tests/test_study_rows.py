@@ -247,6 +247,9 @@ def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path):
     assert errors[0] == 12345 and errors[1] != 12345
     assert (tmp_path / "runs" / "student-seed1.json").exists()
 
+    stored = run_distill(dataclasses.replace(config, seeds=2, jobs=2), "all stored")
+    assert stored.results["methods"]["student"]["errors"] == errors  # no process started
+
     changed = run_distill(dataclasses.replace(config, lr=3e-3), "another lr")
     assert changed.results["methods"]["student"]["errors"][0] != 12345
 

@@ -258,7 +258,7 @@ def _finished_runs(
     teacher: FeatureClassifier,
 ) -> Iterator[tuple[tuple[str, int], History]]:
     jobs = min(_jobs(config), len(runs))
-    if jobs == 1:
+    if jobs <= 1:  # also when every run was stored: nothing to start processes for
         trainer = _Trainer(config, splits, teacher)
         for run in runs:
             yield run, trainer(*run)
