@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when a function is decorated with @triton.jit: when triton.language
@@ -10,3 +11,22 @@ import torch
 # makes the kernel tests run in Triton's CPU interpreter on a machine without a GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A small slice of scikit-learn's bundled digits: 96 training, 40 test images."""
+    from gradbalance.experiments.data import load_dataset
+
+    return load_dataset("digits").subset(96, 40)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    """An untrained digits teacher, run on each batch (as for augmented batches)."""
+    from gradbalance.experiments.methods import TeacherTargets
+    from gradbalance.experiments.models import make_teacher
+
+    torch.manual_seed(0)
+    network = make_teacher("digits", digits.input_shape, digits.num_classes)
+    return TeacherTargets(network.eval().requires_grad_(False), None)

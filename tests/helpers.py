@@ -213,3 +213,19 @@ def _picklable(value: object) -> bool:
     except Exception:
         return False
     return True
+
+
+def tiny_digits(**overrides: Any) -> Any:
+    """A few seconds of ``gradbalance distill`` on digits, in this process, with ``overrides``."""
+    from gradbalance.experiments.config import DistillConfig
+
+    defaults = dict(
+        dataset="digits",
+        teacher_epochs=1,
+        batch_size=64,
+        train_size=192,
+        test_size=60,
+        jobs=1,
+        progress=False,
+    )
+    return DistillConfig(**{**defaults, **overrides})

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_digits
 
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
 from gradbalance.experiments.augment import Augmentation
-from gradbalance.experiments.config import DistillConfig
-from gradbalance.experiments.data import Splits, load_dataset, with_label_noise
+from gradbalance.experiments.data import Splits, with_label_noise
 from gradbalance.experiments.distill import run_distill
 from gradbalance.experiments.methods import (
     METHODS,
@@ -25,36 +25,14 @@ from gradbalance.experiments.methods import (
     parse_method,
     shared_representation,
 )
-from gradbalance.experiments.models import make_student, make_teacher
+from gradbalance.experiments.models import make_student
 from gradbalance.experiments.report import format_table, summarize
 from gradbalance.experiments.teacher import load_or_train_teacher
 from gradbalance.experiments.training import History, TrainConfig, train
 from gradbalance.weighting import min_norm_weights
 
 SETTINGS = MethodSettings(lr=1e-3, weight_decay=0.0, temperature=2.0, stats_every=3)
-# A few seconds of gradbalance distill, in this process.
-TINY_DIGITS = DistillConfig(
-    dataset="digits",
-    teacher_epochs=1,
-    batch_size=64,
-    train_size=192,
-    test_size=60,
-    jobs=1,
-    progress=False,
-)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Splits:
-    return load_dataset("digits").subset(96, 40)
-
-
-@pytest.fixture(scope="module")
-def teacher(digits) -> TeacherTargets:
-    """The teacher, run on each batch (as for augmented batches)."""
-    torch.manual_seed(0)
-    network = make_teacher("digits", digits.input_shape, digits.num_classes)
-    return TeacherTargets(network.eval().requires_grad_(False), None)
+TINY_DIGITS = tiny_digits()
 
 
 def fresh_student(digits: Splits, seed: int = 0):

@@ -10,6 +10,7 @@ import statistics
 import pytest
 import torch
 import torchjd.aggregation
+from helpers import tiny_digits
 
 from gradbalance import IndefiniteSubspaceProjector, VkDProjector
 from gradbalance.experiments.config import PRESETS, DistillConfig
@@ -24,27 +25,14 @@ from gradbalance.experiments.methods import (
     Balanced,
     MethodSettings,
     TaskFirst,
-    TeacherTargets,
     build,
     parse_method,
 )
-from gradbalance.experiments.models import make_student, make_teacher
+from gradbalance.experiments.models import make_student
 from gradbalance.experiments.report import paired_differences
 
 # Hinton's MNIST setting: the logits only unless a row insists on its projector.
 SETTINGS = MethodSettings(lr=1e-3, weight_decay=0.0, temperature=2.0, features=False)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits").subset(96, 40)
-
-
-@pytest.fixture(scope="module")
-def teacher(digits) -> TeacherTargets:
-    torch.manual_seed(0)
-    network = make_teacher("digits", digits.input_shape, digits.num_classes)
-    return TeacherTargets(network.eval().requires_grad_(False), None)
 
 
 def built(name, digits, teacher):
@@ -159,18 +147,11 @@ def test_paired_differences_against_the_best_fixed_weight():
 
 
 def test_per_method_seeds_and_epoch_errors_end_to_end(tmp_path):
-    config = DistillConfig(
-        dataset="digits",
+    config = tiny_digits(
         methods=("student", "hinton-kd-w1", "dot"),
         seeds=1,
         seeds_for=(("student", 2), ("hinton-kd-w1", 2)),
         epochs=2,
-        teacher_epochs=1,
-        batch_size=64,
-        train_size=192,
-        test_size=60,
-        jobs=1,
-        progress=False,
         out=tmp_path,
     )
     outcome = run_distill(config, "test")
@@ -223,19 +204,7 @@ def test_the_main_preset_is_the_readme_job():
 
 
 def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path):
-    config = DistillConfig(
-        dataset="digits",
-        methods=("student",),
-        seeds=1,
-        epochs=1,
-        teacher_epochs=1,
-        batch_size=64,
-        train_size=128,
-        test_size=40,
-        jobs=1,
-        progress=False,
-        out=tmp_path,
-    )
+    config = tiny_digits(methods=("student",), seeds=1, epochs=1, train_size=128, out=tmp_path)
     run_distill(config, "first")
     stored = tmp_path / "runs" / "student-seed0.json"
     record = json.loads(stored.read_text())
