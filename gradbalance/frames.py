@@ -112,9 +112,10 @@ class QRFrame(nn.Module):
     def right_inverse(self, frame: Tensor) -> Tensor:
         return frame
 
-    def clear_cache(self) -> None:
-        """Forget the cached frame (it is recomputed on the next access)."""
-        self._key, self._frame = None, None
+    @property
+    def cached_frame(self) -> Tensor | None:
+        """The frame last computed, kept until A changes (None before the first access)."""
+        return self._frame
 
     def __getstate__(self) -> dict[str, Any]:
         # The cached frame carries an autograd graph, which deepcopy and pickle refuse.

@@ -130,6 +130,7 @@ def test_no_optimizer_step_sees_a_stale_frame():
     opt.step()
     assert not torch.equal(proj.student_projection, before)
     torch.testing.assert_close(proj.student_projection, torch_qf(raw.detach()))
+    assert proj.parametrizations.student_projection[0].cached_frame is proj.student_projection
 
     other = IndefiniteSubspaceProjector(6, 4)
     proj.load_state_dict(other.state_dict())

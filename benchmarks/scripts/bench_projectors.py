@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_medians
 
 from gradbalance import IndefiniteSubspaceProjector
+from gradbalance.frames import QRFrame
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,8 @@ def held_bytes(module: nn.Module) -> int:
     """Bytes of parameters, buffers and cached frames the module keeps between steps."""
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     for sub in module.modules():
-        cached = getattr(sub, "_frame", None)
-        if isinstance(cached, Tensor):
-            tensors[id(cached)] = cached
+        if isinstance(sub, QRFrame) and sub.cached_frame is not None:
+            tensors[id(sub.cached_frame)] = sub.cached_frame
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

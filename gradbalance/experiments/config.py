@@ -229,7 +229,7 @@ class DistillConfig:
         default=None,
         metadata=option(
             f"any of {', '.join(METHODS)}, or kd-fixed-w<W> / hinton-kd-w<W> (distill weight W) "
-            f"({by_dataset('methods')})",
+            f"or dot-lr<LR> (DOT's learning rate LR) ({by_dataset('methods')})",
             parse=method_name,
             metavar="METHOD",
             many=True,

@@ -68,14 +68,15 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
         for name in config.methods
         if seed < config.seed_count(name)
     ]
-    histories = _train_runs(config, runs, splits, teacher)
+    store = RunStore(config, _commit())
+    histories = _train_runs(config, runs, splits, teacher, store)
     teacher_errors = errors(teacher, splits.x_test, splits.y_test)
     header = {
         "dataset": config.dataset,
         "command": command,
         "seeds": list(range(most)),
         "evaluated_on": "validation" if config.validation else "test",
-        "commit": _commit(),
+        "commit": store.commit,
         "epochs": config.epochs,
         "test_size": len(splits.y_test),
         "teacher_cached": cached,
@@ -187,10 +188,10 @@ def _train_runs(
     runs: Sequence[tuple[str, int]],
     splits: Splits,
     teacher: FeatureClassifier,
+    store: RunStore,
 ) -> dict[str, list[History]]:
-    """Every run, here or in ``jobs`` processes, or from the run store when it already finished
+    """Every run, here or in ``jobs`` processes, or from ``store`` when it already finished
     with the same settings; histories by method, in seed order."""
-    store = RunStore(config)
     finished = {run: store.load(*run) for run in runs}
     finished = {run: history for run, history in finished.items() if history is not None}
     todo = [run for run in runs if run not in finished]
@@ -221,8 +222,9 @@ class RunStore:
     run computes.
     """
 
-    def __init__(self, config: DistillConfig) -> None:
+    def __init__(self, config: DistillConfig, commit: str) -> None:
         self.folder = config.out / "runs"
+        self.commit = commit  # recorded in every run saved
         settings = _jsonable(config)
         self.settings = {k: v for k, v in settings.items() if k not in _NOT_IN_RUN_KEY}
 
@@ -245,7 +247,7 @@ class RunStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         record = {
             "key": self._key(name, seed),
-            "commit": _commit(),
+            "commit": self.commit,
             "history": dataclasses.asdict(history),
         }
         self._path(name, seed).write_text(json.dumps(record) + "\n")

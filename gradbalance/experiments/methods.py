@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -350,9 +351,8 @@ def build(
     The projector (if any) is created here, after the student, on the student's device, and is
     trained together with it by the same optimizer.
     """
-    adamw = {"lr": settings.lr, "weight_decay": settings.weight_decay}
     if not method.teacher:
-        return TaskObjective(), FixedSum(torch.optim.AdamW(student.parameters(), **adamw), [1.0])
+        return TaskObjective(), FixedSum(_adamw(student.parameters(), settings), [1.0])
     params = list(student.parameters())
     projector = None
     uses_features = settings.features if method.features is None else method.features
@@ -368,14 +368,13 @@ def build(
 def _update(
     method: Method, params: list[nn.Parameter], settings: MethodSettings
 ) -> FixedSum | Balanced | DotUpdate:
-    adamw = {"lr": settings.lr, "weight_decay": settings.weight_decay}
     if method.trainer == "dot":
         lr = DOT_LR if method.lr is None else method.lr
         optimizer = DistillationOrientedTrainer(params, lr=lr, weight_decay=settings.weight_decay)
         return DotUpdate(optimizer, DOT_WEIGHTS)
     if method.balance is None:
         weights = [method.distill_weight, 1.0]
-        return FixedSum(torch.optim.AdamW(params, **adamw), weights, log=method.log_losses)
+        return FixedSum(_adamw(params, settings), weights, log=method.log_losses)
     stats_every = settings.stats_every if method.balance == "amortized" else 0
     optimizer = MultiObjectiveOptimizer(
         params,
@@ -384,9 +383,14 @@ def _update(
         stats_every=stats_every,
         vectorize=True,  # fixed, not timed: reruns reproduce results.json bit for bit
         weighting=None if method.weighting is None else torchjd_weighting(method.weighting),
-        **adamw,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
     )
     return Balanced(optimizer)
+
+
+def _adamw(params: Iterable[nn.Parameter], settings: MethodSettings) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def torchjd_weighting(name: str) -> nn.Module:
