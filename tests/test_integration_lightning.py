@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_on_ranks
+from helpers import run_on_ranks, two_task_min_norm
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DistributedSampler
@@ -147,38 +147,16 @@ def test_with_a_fixed_sum_it_trains_bit_for_bit_as_plain_lightning(options):
     assert_same_tensors(list(plain.parameters()), list(balanced.parameters()))
 
 
-def log_loss_gradients(module, params, batches):
-    """float64 reference: g_i = mean over the window of ∇L_i / mean of L_i, at ``params``."""
+def window_losses(module, params, batches) -> tuple[list, list[torch.Tensor]]:
+    """Each batch's two losses in float64, with their graph to a copy of the student at
+    ``params``; and that copy's parameters."""
     student = torch.nn.Linear(FEATURES, CLASSES).double()
     with torch.no_grad():
         for target, value in zip(student.parameters(), params):
             target.copy_(value)
     teacher = module.teacher.double()
-    sums, values = None, torch.zeros(2, dtype=torch.float64)
-    for x, y in batches:
-        losses = named_losses(student, teacher, (x.double(), y))
-        grads = [
-            torch.cat(
-                [
-                    g.flatten()
-                    for g in torch.autograd.grad(
-                        loss, list(student.parameters()), retain_graph=True
-                    )
-                ]
-            )
-            for loss in losses.values()
-        ]
-        sums = grads if sums is None else [s + g for s, g in zip(sums, grads)]
-        values += torch.stack([loss.detach() for loss in losses.values()])
-    means = values / len(batches)
-    return [s / len(batches) / m for s, m in zip(sums, means)]
-
-
-def min_norm(g1: torch.Tensor, g2: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """π_1 and the min-norm point of the segment [g2, g1]: π_1 = clamp(⟨g2 − g1, g2⟩ /
-    ‖g1 − g2‖², 0, 1), d = π_1 g1 + (1 − π_1) g2."""
-    pi = ((g2 - g1) @ g2 / (g1 - g2).square().sum()).clamp(0, 1).item()
-    return pi, pi * g1 + (1 - pi) * g2
+    losses = [named_losses(student, teacher, (x.double(), y)).values() for x, y in batches]
+    return [list(pair) for pair in losses], list(student.parameters())
 
 
 def test_balanced_grad_is_the_closed_form_min_norm_point_of_each_window():
@@ -189,9 +167,9 @@ def test_balanced_grad_is_the_closed_form_min_norm_point_of_each_window():
     batches = list(torch.utils.data.DataLoader(data(48), batch_size=8))
     assert len(module.seen) == 3
     for step, (params, grads) in enumerate(module.seen):
-        window = batches[2 * step : 2 * step + 2]
-        g1, g2 = log_loss_gradients(module, params, window)
-        pi, expected = min_norm(g1, g2)
+        pi, expected, g1, g2 = two_task_min_norm(
+            *window_losses(module, params, batches[2 * step : 2 * step + 2])
+        )
         assert 0 < pi < 1  # an interior point: the formula, not a vertex, is checked
         got = torch.cat([g.flatten() for g in grads])
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
