@@ -179,9 +179,9 @@ def test_two_sgd_steps_of_kd_match_a_float64_reference():
     reference = copy.deepcopy(student).double()
     initial_fc = reference.fc.weight.detach().clone()
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(2, 2, 3, 32, 32, generator=generator)
-    teacher_logits = 3 * torch.randn(2, 2, 100, generator=generator)
-    labels = torch.randint(0, 100, (2, 2), generator=generator)
+    inputs = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    teacher_logits = 3 * torch.randn(2, 4, 100, generator=generator)
+    labels = torch.randint(0, 100, (2, 4), generator=generator)
     recipe = CifarRecipe()
 
     optimizer = make_optimizer(student.parameters(), recipe)
