@@ -1,4 +1,4 @@
-"""One unattended GPU check: CUDA tests, Triton kernels, the sync-free step, the floor tables.
+"""One unattended GPU check: CUDA tests, Triton kernels, sync-free step, floor tables, CIFAR rows.
 
     python benchmarks/scripts/gpu_check.py --out DIR [--device cuda|cpu] [--quick]
 
