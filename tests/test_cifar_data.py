@@ -43,6 +43,11 @@ def test_the_folder_loads_with_both_encodings(tmp_path, encoding):
     assert_is_generated(load_cifar100(write_cifar_folder(tmp_path), encoding=encoding))
 
 
+def test_another_encoding_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="encoding must be 'bytes' or 'latin1', not 'ascii'"):
+        load_cifar100(write_cifar_folder(tmp_path), encoding="ascii")
+
+
 def test_the_folder_itself_may_be_given(tmp_path):
     assert_is_generated(load_cifar100(write_cifar_folder(tmp_path) / FOLDER))
 

@@ -117,8 +117,11 @@ def read_cifar_pickle(file: IO[bytes], source: str, encoding: Encoding = "bytes"
     ``"latin1"`` as ``str``.
 
     Raises:
+        ValueError: another ``encoding`` (it would mangle the arrays' raw bytes).
         CifarFormatError: a refused global, or a truncated or corrupt pickle.
     """
+    if encoding not in ("bytes", "latin1"):
+        raise ValueError(f"encoding must be 'bytes' or 'latin1', not {encoding!r}")
     try:
         return CifarUnpickler(file, source, encoding).load()
     except CifarFormatError:
