@@ -57,7 +57,8 @@ def test_the_classifier_follows_num_classes():
     assert sum(p.numel() for p in model.parameters()) == PARAMETERS["resnet8x4"] - 90 * (256 + 1)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet8x4", "wrn_16_2", "vgg8"])
+# One of each family and width (resnet56 and resnet110 are resnet20's code with more blocks).
+@pytest.mark.parametrize("name", ["resnet20", "resnet8x4", "wrn_16_2", "wrn_40_1", "vgg8", "vgg13"])
 def test_forward_gives_pooled_features_and_logits(name):
     model = make_cifar_model(name)
     output = model(torch.randn(2, 3, 32, 32))
