@@ -65,6 +65,10 @@ def _add_option(parser: argparse.ArgumentParser, spec: dataclasses.Field, defaul
     if option.flag is not None:
         parser.add_argument(option.flag, dest=spec.name, action="store_false", help=option.help)
         return
+    if option.switch:
+        flag = "--" + spec.name.replace("_", "-")
+        parser.add_argument(flag, dest=spec.name, action="store_true", help=option.help)
+        return
     kwargs: dict = {"dest": spec.name, "metavar": option.metavar, "choices": option.choices}
     if option.parse is not None:
         kwargs["type"] = _argparse_type(option.parse)
@@ -110,6 +114,8 @@ def _run_distill(args: argparse.Namespace, command: str) -> int:
     except ValueError as error:
         args.subparser.error(str(error))
     _check_distill(args.subparser, config)
+    if config.download:
+        _download(args.subparser, config)
     from gradbalance.experiments.distill import run_distill  # after the check: needs the extras
 
     torch.set_num_threads(config.threads)
@@ -144,9 +150,33 @@ def _check_distill(distill: argparse.ArgumentParser, config: DistillConfig) -> N
             f"--student-width is for the MLP students, not {config.dataset}'s {config.student}, "
             "whose shape is fixed"
         )
+    if config.download and spec.download is None:
+        distill.error(f"--download: {config.dataset} is not downloaded; drop --download")
+    if config.download and config.data_dir is None:
+        distill.error("--download needs --data-dir (where to put the files)")
     try:
         spec.check_data_dir(config.data_dir)
-    except (FileNotFoundError, ValueError) as error:
+    except FileNotFoundError as error:
+        if not config.download:
+            distill.error(str(error))
+    except ValueError as error:
+        distill.error(str(error))
+    if config.teacher_checkpoint is not None and not config.teacher_checkpoint.is_file():
+        distill.error(f"--teacher-checkpoint {config.teacher_checkpoint}: no such file")
+
+
+def _download(distill: argparse.ArgumentParser, config: DistillConfig) -> None:
+    """Fetch the dataset into ``--data-dir`` unless it is already there."""
+    spec = dataset(config.dataset)
+    try:
+        spec.check_data_dir(config.data_dir)
+        return
+    except FileNotFoundError:
+        pass
+    try:
+        print(f"downloading {config.dataset} into {config.data_dir}", file=sys.stderr)
+        spec.download(config.data_dir)
+    except (ConnectionError, ValueError) as error:
         distill.error(str(error))
 
 

@@ -9,32 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cifar_files import cifar_files, write_cifar_folder
 
 from gradbalance.experiments.augment import Augmentation
 from gradbalance.experiments.data import (
     MNIST_IDX_FILES,
-    find_cifar100,
     find_mnist_idx,
-    load_cifar100,
     read_idx,
 )
 from gradbalance.experiments.datasets import load_dataset
 
 
 def write_cifar100(root: Path, train: int = 12, test: int = 6, seed: int = 0) -> Path:
-    """A tiny CIFAR-100 in torchvision's python format: ``root/cifar-100-python/{train,test}``."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for name, count in (("train", train), ("test", test)):
-        entry = {
-            b"data": rng.integers(0, 256, size=(count, 3072), dtype=np.uint8),
-            b"fine_labels": rng.integers(0, 100, size=count).tolist(),
-            b"coarse_labels": rng.integers(0, 20, size=count).tolist(),
-        }
-        with open(folder / name, "wb") as handle:
-            pickle.dump(entry, handle)
-    return folder
+    """A tiny CIFAR-100 in the official python format: ``root/cifar-100-python/{train,test,meta}``
+    (Python-2 pickles, :mod:`cifar_files`); returns the folder."""
+    write_cifar_folder(root, cifar_files(train, test, seed))
+    return root / "cifar-100-python"
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -159,36 +149,20 @@ def test_subset_takes_the_first_examples():
     assert splits.input_shape == (1, 8, 8)
 
 
-def test_cifar100_reads_torchvision_format(tmp_path):
+def test_cifar100_is_standardised_with_the_fields_statistics(tmp_path):
     folder = write_cifar100(tmp_path, train=12, test=6)
-    with open(folder / "train", "rb") as handle:
-        raw = pickle.load(handle)
+    raw = pickle.loads((folder / "train").read_bytes(), encoding="bytes")  # our own file
     splits = load_dataset("cifar100", tmp_path)
     assert splits.x_train.shape == (12, 3, 32, 32) and splits.x_test.shape == (6, 3, 32, 32)
     assert splits.num_classes == 100
     assert splits.y_train.tolist() == raw[b"fine_labels"]
-    # Row-major (3, 32, 32) layout: red plane first, as torchvision's CIFAR100 reads it.
-    red = raw[b"data"][0, :1024].reshape(32, 32).astype(np.float64) / 255
-    got = splits.x_train[0, 0].double().numpy()
-    assert np.corrcoef(red.ravel(), got.ravel())[0, 1] > 0.999
-    per_channel = splits.x_train.mean(dim=(0, 2, 3))
-    assert torch.allclose(per_channel, torch.zeros(3), atol=1e-5)
-
-
-def test_find_cifar100_accepts_the_parent_or_the_folder(tmp_path):
-    folder = write_cifar100(tmp_path)
-    assert find_cifar100(tmp_path) == folder
-    assert find_cifar100(folder) == folder
-    with pytest.raises(FileNotFoundError, match="cifar-100-python/train"):
-        find_cifar100(tmp_path / "elsewhere")
-
-
-def test_cifar100_with_wrong_image_size_is_refused(tmp_path):
-    folder = write_cifar100(tmp_path)
-    with open(folder / "test", "wb") as handle:
-        pickle.dump({b"data": np.zeros((2, 784), np.uint8), b"fine_labels": [0, 1]}, handle)
-    with pytest.raises(ValueError, match=r"\(N, 3072\)"):
-        load_cifar100(folder)
+    # Row-major (3, 32, 32) layout, red plane first, then (x / 255 − mean) / std per channel
+    # with mdistiller's constants, computed here in float64.
+    pixels = raw[b"data"][0].reshape(3, 32, 32).astype(np.float64) / 255
+    mean = np.array([0.5071, 0.4867, 0.4408])[:, None, None]
+    std = np.array([0.2675, 0.2565, 0.2761])[:, None, None]
+    expected = (pixels - mean) / std
+    assert np.allclose(splits.x_train[0].double().numpy(), expected, atol=1e-5)
 
 
 def test_unknown_dataset_and_missing_folder_are_refused():

@@ -1,4 +1,5 @@
-"""Batch augmentation on the device: random circular shifts and Gaussian noise.
+"""Batch augmentation on the device: random circular shifts and Gaussian noise; random crops of
+the padded image and flips.
 
 Which augmentation each dataset's students and teacher get is in its spec
 (:data:`gradbalance.experiments.datasets.DATASETS`).
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Augmentation"]
+__all__ = ["Augmentation", "CropFlip"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,33 @@ class Augmentation:
         view = [x.shape[0]] + [1] * (x.ndim - 1)
         view[axis] = size
         return x.gather(axis, source.view(view).expand(x.shape))
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """The field's CIFAR augmentation on a batch on the device: a ``size`` × ``size`` window at a
+    uniform offset in ``[0, 2·padding]²`` of each image padded by ``padding`` pixels of
+    ``fill``, then mirrored left-right with probability ½ (torchvision's ``RandomCrop(32,
+    padding=4)`` and ``RandomHorizontalFlip`` as mdistiller applies them, per image).
+
+    ``fill`` is the per-channel value of a black pixel in the standardised images,
+    ``−mean / std``: padding before or after standardising then gives the same image.
+    """
+
+    padding: int
+    fill: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment a batch ``(B, C, H, W)`` with random numbers from ``generator``."""
+        batch, channels, height, width = x.shape
+        fill = torch.tensor(self.fill, device=x.device, dtype=x.dtype).view(1, channels, 1, 1)
+        padded = torch.nn.functional.pad(x - fill, (self.padding,) * 4) + fill
+        offsets = torch.randint(
+            0, 2 * self.padding + 1, (2, batch), generator=generator, device=x.device
+        )
+        flips = torch.randint(0, 2, (batch,), generator=generator, device=x.device).bool()
+        rows = (offsets[0, :, None] + torch.arange(height, device=x.device)).view(batch, 1, -1, 1)
+        cols = (offsets[1, :, None] + torch.arange(width, device=x.device)).view(batch, 1, 1, -1)
+        crops = padded.gather(2, rows.expand(-1, channels, -1, padded.shape[3]))
+        crops = crops.gather(3, cols.expand(-1, channels, height, -1))
+        return torch.where(flips.view(batch, 1, 1, 1), crops.flip(3), crops)

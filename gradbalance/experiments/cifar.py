@@ -42,6 +42,7 @@ __all__ = [
     "CifarSplit",
     "CifarUnpickler",
     "download_cifar100",
+    "find_cifar100",
     "load_cifar100",
     "read_cifar_pickle",
 ]
@@ -133,28 +134,41 @@ def read_cifar_pickle(file: IO[bytes], source: str, encoding: Encoding = "bytes"
         ) from error
 
 
-def load_cifar100(data_dir: str | Path, encoding: Encoding = "bytes") -> Cifar100:
-    """CIFAR-100 from ``data_dir``: its ``cifar-100-python/`` folder, ``data_dir`` itself if it
-    is that folder, or the archive ``cifar-100-python.tar.gz`` as distributed (``data_dir``'s,
-    or ``data_dir`` itself), read in memory without extracting it. Any number of rows.
+def find_cifar100(data_dir: str | Path) -> Path:
+    """Where CIFAR-100 is under ``data_dir``: its ``cifar-100-python/`` folder, ``data_dir``
+    itself if it is that folder, or the archive ``cifar-100-python.tar.gz`` as distributed
+    (``data_dir``'s, or ``data_dir`` itself).
 
     Raises:
         FileNotFoundError: none of these exists.
-        CifarFormatError: a file is missing from the folder or archive, truncated, malformed, or
-            holds anything but the format's data (the message names the file).
     """
     data_dir = Path(data_dir)
     for folder in (data_dir / CIFAR100_FOLDER, data_dir):
         if folder.is_dir() and any((folder / name).exists() for name in ("train", "test")):
-            return _parse(partial(_read_file, folder, encoding))
+            return folder
     for archive in (data_dir / CIFAR100_ARCHIVE, data_dir):
         if archive.is_file():
-            with _open_archive(archive) as tar:
-                return _parse(partial(_read_member, tar, archive, encoding))
+            return archive
     raise FileNotFoundError(
         f"no CIFAR-100 in {data_dir}: expected {CIFAR100_FOLDER}/{{train,test,meta}} or "
         f"{CIFAR100_ARCHIVE} (the python version, {CIFAR100_URL}; --download fetches it)"
     )
+
+
+def load_cifar100(data_dir: str | Path, encoding: Encoding = "bytes") -> Cifar100:
+    """CIFAR-100 from where :func:`find_cifar100` finds it under ``data_dir``, an archive read
+    in memory without extracting it. Any number of rows.
+
+    Raises:
+        FileNotFoundError: no CIFAR-100 under ``data_dir``.
+        CifarFormatError: a file is missing from the folder or archive, truncated, malformed, or
+            holds anything but the format's data (the message names the file).
+    """
+    found = find_cifar100(data_dir)
+    if found.is_dir():
+        return _parse(partial(_read_file, found, encoding))
+    with _open_archive(found) as tar:
+        return _parse(partial(_read_member, tar, found, encoding))
 
 
 def _parse(read: Callable[[str], tuple[Any, str]]) -> Cifar100:
@@ -264,22 +278,22 @@ def download_cifar100(
         return target
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=data_dir, suffix=".part", delete=False) as part:
-        partial = Path(part.name)
+        incoming = Path(part.name)
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 while chunk := response.read(1 << 20):
                     part.write(chunk)
         except (urllib.error.URLError, OSError) as error:
-            partial.unlink()
+            incoming.unlink()
             raise ConnectionError(
                 f"could not download CIFAR-100 from {url}: {error}. Without a network, fetch "
                 f"{CIFAR100_ARCHIVE} elsewhere (md5 {md5}) and put it in {data_dir}"
             ) from error
-    found = _md5(partial)
+    found = _md5(incoming)
     if found != md5:
-        partial.unlink()
+        incoming.unlink()
         raise CifarFormatError(f"{url}: md5 {found}, expected {md5} (a damaged download?)")
-    partial.replace(target)
+    incoming.replace(target)
     return target
 
 

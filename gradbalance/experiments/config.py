@@ -111,6 +111,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     many: bool = False  # nargs="+": the field is a tuple
     flag: str | None = None  # a store-true flag that sets the field to False ("--no-progress")
+    switch: bool = False  # a store-true flag named for the field ("--download")
     values: dict[str, Any] | None = None  # choice → field value ("auto" → None)
 
 
@@ -130,7 +131,10 @@ def by_dataset(name: str) -> str:
     shown: dict[str, list[str]] = {}
     for key, spec in DATASETS.items():
         value = getattr(spec.defaults, name)
-        text = " ".join(value) if isinstance(value, tuple) else f"{value:g}"
+        if isinstance(value, tuple):
+            text = " ".join(str(item) for item in value)
+        else:
+            text = f"{value:g}" if isinstance(value, float | int) else str(value)
         shown.setdefault(text, []).append(key)
     return "default: " + "; ".join(f"{', '.join(keys)} {text}" for text, keys in shown.items())
 
@@ -174,8 +178,9 @@ class DistillConfig:
     methods: tuple[str, ...] | None = field(
         default=None,
         metadata=option(
-            f"any of {', '.join(METHODS)}, or kd-fixed-w<W> / hinton-kd-w<W> (distill weight W) "
-            f"or dot-lr<LR> (DOT's learning rate LR) ({by_dataset('methods')})",
+            f"any of {', '.join(METHODS)}, or kd-fixed-w<W> / hinton-kd-w<W> (distill weight W), "
+            "kd-w<R> (kd's weights R/(1+R), 1/(1+R)) or dot-lr<LR> (DOT's learning rate LR) "
+            f"({by_dataset('methods')})",
             parse=method_name,
             metavar="METHOD",
             many=True,
@@ -233,17 +238,32 @@ class DistillConfig:
             f"student batch size ({by_dataset('batch_size')})", parse=at_least(1), metavar="B"
         ),
     )
-    lr: float | None = field(
+    optimizer: str | None = field(
         default=None,
         metadata=option(
-            f"student AdamW learning rate, cosine-decayed ({by_dataset('lr')})",
-            parse=positive_float,
+            "the students' optimizer, plain or inside MultiObjectiveOptimizer: adamw, or sgd "
+            f"with momentum 0.9 ({by_dataset('optimizer')})",
+            choices=("adamw", "sgd"),
+        ),
+    )
+    lr: float | None = field(
+        default=None,
+        metadata=option(f"student learning rate ({by_dataset('lr')})", parse=positive_float),
+    )
+    milestones: tuple[float, ...] | None = field(
+        default=None,
+        metadata=option(
+            "decay the lr x0.1 at these fractions of the epochs (cifar100: 0.625 0.75 0.875, "
+            "epochs 150, 180, 210 of 240); default: cosine over all steps",
+            parse=fraction,
+            metavar="F",
+            many=True,
         ),
     )
     weight_decay: float | None = field(
         default=None,
         metadata=option(
-            f"student AdamW weight decay ({by_dataset('weight_decay')}; on mnist the student "
+            f"student weight decay ({by_dataset('weight_decay')}; on mnist the student "
             "is unregularised, as in Hinton et al.)",
             parse=non_negative_float,
             metavar="WD",
@@ -316,6 +336,23 @@ class DistillConfig:
     test_size: int | None = field(
         default=None,
         metadata=option("use the first N test examples", parse=at_least(1), metavar="N"),
+    )
+    teacher_checkpoint: Path | None = field(
+        default=None,
+        metadata=option(
+            "load the teacher's weights from this file instead of training it: a state dict, "
+            "or mdistiller's {'model': state_dict, ...} (cifar_teachers/*/ckpt_epoch_240.pth); "
+            "read with torch.load(weights_only=True)",
+            parse=Path,
+            metavar="FILE",
+        ),
+    )
+    download: bool = field(
+        default=False,
+        metadata=option(
+            "cifar100: download the python version into --data-dir if it is not there",
+            switch=True,
+        ),
     )
     data_dir: Path | None = field(
         default=None,

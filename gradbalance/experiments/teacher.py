@@ -15,7 +15,7 @@ from gradbalance.experiments.data import Splits
 from gradbalance.experiments.datasets import Network
 from gradbalance.experiments.methods import FixedSum, TaskObjective
 from gradbalance.experiments.models import FeatureClassifier
-from gradbalance.experiments.training import EpochCallback, TrainConfig, train
+from gradbalance.experiments.training import EpochCallback, TrainConfig, base_optimizer, train
 
 __all__ = [
     "TEACHER_SEED",
@@ -30,9 +30,16 @@ _ARCHITECTURE_VERSION = 2
 
 
 def teacher_schedule(network: Network, epochs: int) -> TrainConfig:
-    """The teacher's schedule, independent of the students': its network's AdamW settings and
-    batch size, cosine decay over ``epochs``."""
-    return TrainConfig(epochs, network.batch_size, network.lr, network.weight_decay)
+    """The teacher's schedule, independent of the students': its network's optimizer, batch
+    size and decay over ``epochs``."""
+    return TrainConfig(
+        epochs,
+        network.batch_size,
+        network.lr,
+        network.weight_decay,
+        network.optimizer,
+        network.milestones,
+    )
 
 
 def cache_key(
@@ -106,8 +113,8 @@ def _fit(
     augmentation: Augmentation | None,
     on_epoch: EpochCallback | None,
 ) -> None:
-    optimizer = torch.optim.AdamW(
-        teacher.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    optimizer = base_optimizer(
+        teacher.parameters(), config.optimizer, config.lr, config.weight_decay
     )
     if max_norm is not None:
         layers = [module for module in teacher.modules() if isinstance(module, nn.Linear)]

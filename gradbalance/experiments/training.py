@@ -8,23 +8,27 @@ augments with its own generator, so every method sees the same batches for the s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
+from torch import nn
 
 from gradbalance.experiments.augment import Augmentation
 from gradbalance.experiments.data import Splits
 from gradbalance.experiments.models import FeatureClassifier, Output
 
 __all__ = [
+    "SGD_MOMENTUM",
     "EpochCallback",
     "History",
     "Objectives",
     "TrainConfig",
     "Update",
+    "base_optimizer",
     "errors",
+    "lr_scheduler",
     "predict",
     "step_statistics",
     "train",
@@ -58,12 +62,46 @@ EpochCallback = Callable[[int, float], None]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Schedule of one training run: AdamW-style lr with cosine decay over all steps."""
+    """Schedule of one training run: ``optimizer``'s lr decayed over the ``epochs``, cosine over
+    all steps, or with ``milestones`` (fractions of the epochs) × ``gamma`` at the first step of
+    each milestone epoch ``round(f · epochs)`` (mdistiller's CIFAR schedule: 0.625, 0.75, 0.875
+    of 240 epochs are its epochs 150, 180 and 210)."""
 
     epochs: int
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.05
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    milestones: tuple[float, ...] | None = None
+    gamma: float = 0.1
+
+
+SGD_MOMENTUM = 0.9  # mdistiller's SOLVER.MOMENTUM
+
+
+def base_optimizer(
+    params: Iterable[nn.Parameter], kind: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` or ``torch.optim.SGD`` (momentum :data:`SGD_MOMENTUM`, L2 weight
+    decay) with ``lr`` and ``weight_decay``."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """:class:`TrainConfig`'s decay as a scheduler stepped once per optimizer step."""
+    if config.milestones is None:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.epochs * steps_per_epoch
+        )
+    epochs = [round(fraction * config.epochs) for fraction in config.milestones]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: config.gamma ** sum(step // steps_per_epoch >= epoch for epoch in epochs),
+    )
 
 
 @dataclass
@@ -112,9 +150,7 @@ def train(
         on_epoch: called with ``(epoch, test accuracy)`` after each epoch.
     """
     steps_per_epoch = -(-len(splits.y_train) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        update.optimizer, T_max=config.epochs * steps_per_epoch
-    )
+    scheduler = lr_scheduler(update.optimizer, config, steps_per_epoch)
     device = splits.x_train.device
     order_generator = torch.Generator(device=device).manual_seed(seed)
     augment_generator = torch.Generator(device=device).manual_seed(seed + _AUGMENT_SEED_OFFSET)
