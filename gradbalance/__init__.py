@@ -1,8 +1,8 @@
 """gradbalance: balance distillation and task losses at the gradient level (MoKD / DTO-KD)."""
 
-from .balancer import Balancer
+from ._balancer import Balancer
+from ._optimizer import MultiObjectiveOptimizer
 from .losses import KDLosses, classification_losses, cross_entropy_floor, kl_distillation
-from .optimizer import MultiObjectiveOptimizer
 from .projectors import IndefiniteSubspaceProjector, VkDProjector
 
 __all__ = [

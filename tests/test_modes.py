@@ -5,13 +5,13 @@ import pytest
 import torch
 from helpers import TeacherStudentProblem
 
-from gradbalance.guard import SyncGuard
+from gradbalance._guard import SyncGuard
+from gradbalance._inputs import Bounds, Expected, check_step
+from gradbalance._options import BalancingOptions
+from gradbalance._per_task import PerTaskBackward
+from gradbalance._window import Window
 from gradbalance.modes import AmortizedMode, ExactMode, RepresentationMode, make_mode
-from gradbalance.modes.base import Call
-from gradbalance.options import BalancingOptions
-from gradbalance.step import Bounds, Expected, check_step
-from gradbalance.strategy import PerTaskBackward
-from gradbalance.window import Window
+from gradbalance.modes._base import Call
 
 FRESH = Expected(count=None, names=None, calls=0, from_min_losses=False, window=None)
 

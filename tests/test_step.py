@@ -1,11 +1,11 @@
-"""The checked step (gradbalance.step), without a balancer: what a call is turned into."""
+"""The checked step (gradbalance._inputs), without a balancer: what a call is turned into."""
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from gradbalance.buffers import Role
-from gradbalance.step import Bounds, Expected, check_step, in_known_order, row_scale, trainable
+from gradbalance._buffers import Role
+from gradbalance._inputs import Bounds, Expected, check_step, in_known_order, row_scale, trainable
 
 FRESH = Expected(count=None, names=None, calls=0, from_min_losses=False, window=None)
 

@@ -14,8 +14,8 @@ import torch
 from helpers import TeacherStudentProblem
 
 from gradbalance import MultiObjectiveOptimizer
-from gradbalance.step import walk
-from gradbalance.strategy import PerTaskBackward, is_vmap_failure, suits_vmap
+from gradbalance._inputs import walk
+from gradbalance._per_task import PerTaskBackward, is_vmap_failure, suits_vmap
 
 
 def steps(problem, opt, count, model=None):

@@ -1,13 +1,13 @@
-"""The micro-batch window (gradbalance.window): its lifetime, without a balancer."""
+"""The micro-batch window (gradbalance._window): its lifetime, without a balancer."""
 
 import copy
 
 import pytest
 import torch
 
-from gradbalance.guard import SyncGuard
-from gradbalance.step import Bounds, Expected, check_step
-from gradbalance.window import Window
+from gradbalance._guard import SyncGuard
+from gradbalance._inputs import Bounds, Expected, check_step
+from gradbalance._window import Window
 
 
 def micro_batch(weight, accumulate, offset=0.0):

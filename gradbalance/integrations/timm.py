@@ -27,7 +27,7 @@ from timm.task.distillation import FeatureDistillationTrainableModule
 from timm.utils import dispatch_clip_grad
 from torch import Tensor, nn
 
-from ..balancer import Balancer
+from .._balancer import Balancer
 from ..projectors import IndefiniteSubspaceProjector, VkDProjector
 
 __all__ = [

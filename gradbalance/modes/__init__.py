@@ -1,9 +1,9 @@
-"""The modes of the balancing, one file each behind :class:`~gradbalance.modes.base.BalancingMode`,
+"""The modes of the balancing, one file each behind :class:`~gradbalance.modes._base.BalancingMode`,
 and :func:`make_mode`, the one place where a mode's name becomes a mode object.
 
-* ``"exact"`` and ``"affine"``: :class:`~gradbalance.modes.exact.ExactMode`;
-* ``"representation"``: :class:`~gradbalance.modes.representation.RepresentationMode`;
-* ``"amortized"``: :class:`~gradbalance.modes.amortized.AmortizedMode`.
+* ``"exact"`` and ``"affine"``: :class:`~gradbalance.modes._exact.ExactMode`;
+* ``"representation"``: :class:`~gradbalance.modes._representation.RepresentationMode`;
+* ``"amortized"``: :class:`~gradbalance.modes._amortized.AmortizedMode`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from ..weighting import affine_weights, min_norm_weights
-from .amortized import AmortizedMode
-from .base import BalancingMode, GramWeighting
-from .exact import ExactMode
-from .representation import RepresentationMode
+from ._amortized import AmortizedMode
+from ._base import BalancingMode, GramWeighting
+from ._exact import ExactMode
+from ._representation import RepresentationMode
 
 if TYPE_CHECKING:
-    from ..options import BalancingOptions
+    from .._options import BalancingOptions
 
 __all__ = [
     "MODES",

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import engine
-from .buffers import Blocks, FlatGradients
-from .guard import DeviceGuard, Ok, SyncGuard, both
-from .step import Step
+from . import _engine as engine
+from ._buffers import Blocks, FlatGradients
+from ._guard import DeviceGuard, Ok, SyncGuard, both
+from ._inputs import Step
 
 __all__ = ["Held", "Window", "checked_values"]
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .guard import Guard
-from .modes.amortized import FamoHyperparameters, PiOptimizer
-from .step import Bounds
+from ._guard import Guard
+from ._inputs import Bounds
+from .modes._amortized import FamoHyperparameters, PiOptimizer
 
 __all__ = ["OPTION_NAMES", "BalancingOptions", "Weighting"]
 
@@ -41,12 +41,12 @@ class BalancingOptions:
             (``torch.autograd.grad(..., is_grads_batched=True)``); ``False``, k ordinary backward
             passes, each copied into its row of the ``(k, n)`` buffer as it comes; ``None``
             (default), chosen on the first balanced backward from the operators of the graph,
-            never from timings, so that two runs give the same bits (:mod:`gradbalance.strategy`,
+            never from timings, so that two runs give the same bits (:mod:`gradbalance._per_task`,
             docs/method.md); k passes for good, with a warning, where vmap cannot batch an
             operator. :attr:`~gradbalance.Balancer.vectorize` tells the choice made; it is part of
             the state dict.
         guard: ``"sync"`` (default) raises on a refused step at once; ``"device"`` keeps the
-            verdict on the device (:mod:`gradbalance.guard`).
+            verdict on the device (:mod:`gradbalance._guard`).
         weighting: exact and representation modes: another rule for π, any callable from the
             ``(k, k)`` float64 Gram matrix ``G_ij = ⟨g_i, g_j⟩`` of the log-loss gradients (on
             the parameters' device) to π, a floating ``(k,)`` tensor — for instance a

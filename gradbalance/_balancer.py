@@ -1,9 +1,9 @@
 """The balancing of k losses as a stateful object, in the spirit of ``torch.amp.GradScaler``.
 
-:class:`Balancer` is the public face of a small pipeline: :func:`gradbalance.step.check_step`
+:class:`Balancer` is the public face of a small pipeline: :func:`gradbalance._inputs.check_step`
 checks what a call was given, the mode (:mod:`gradbalance.modes`) writes ``.grad``, and the
 balancer keeps what the mode computed (π, the Gram matrix) where its verdict holds. Micro-batches
-wait in a :class:`gradbalance.window.Window`. :class:`gradbalance.MultiObjectiveOptimizer` is a
+wait in a :class:`gradbalance._window.Window`. :class:`gradbalance.MultiObjectiveOptimizer` is a
 base optimizer plus a Balancer; codebases that own their optimizer (Hugging Face Trainer,
 Lightning's automatic optimisation, DeepSpeed) use a Balancer directly::
 
@@ -21,12 +21,8 @@ from typing import Any
 
 import torch
 
-from .diagnostics import gradient_statistics
-from .guard import DeviceGuard, Guard, Ok, SyncGuard, select
-from .modes import Mode, make_mode
-from .modes.base import Call, Outcome, floats
-from .options import BalancingOptions
-from .step import (
+from ._guard import DeviceGuard, Guard, Ok, SyncGuard, select
+from ._inputs import (
     Bounds,
     Expected,
     LossesLike,
@@ -37,8 +33,12 @@ from .step import (
     check_step,
     in_known_order,
 )
-from .strategy import PerTaskBackward
-from .window import Window
+from ._options import BalancingOptions
+from ._per_task import PerTaskBackward
+from ._window import Window
+from .diagnostics import gradient_statistics
+from .modes import Mode, make_mode
+from .modes._base import Call, Outcome, floats
 
 __all__ = ["Balancer"]
 
@@ -73,7 +73,7 @@ class Balancer:
 
     Args:
         mode: ``"exact"``, ``"amortized"``, ``"affine"`` or ``"representation"``.
-        **options: the keyword arguments of :class:`gradbalance.options.BalancingOptions`
+        **options: the keyword arguments of :class:`gradbalance._options.BalancingOptions`
             (``min_losses``, ``normalize``, ``pi_lr``, ``pi_weight_decay``, ``pi_optimizer``,
             ``stats_every``, ``vectorize``, ``guard``, ``weighting``).
     """
@@ -102,7 +102,7 @@ class Balancer:
 
     @property
     def options(self) -> BalancingOptions:
-        """The options it was made with (:class:`gradbalance.options.BalancingOptions`)."""
+        """The options it was made with (:class:`gradbalance._options.BalancingOptions`)."""
         return self._options
 
     @property
@@ -116,7 +116,7 @@ class Balancer:
     @property
     def vectorize(self) -> bool | None:
         """Whether the per-task gradients come from one vmapped backward (None: not chosen yet,
-        with ``vectorize=None``; :mod:`gradbalance.strategy`)."""
+        with ``vectorize=None``; :mod:`gradbalance._per_task`)."""
         return self._per_task.choice
 
     @property
@@ -155,7 +155,7 @@ class Balancer:
 
     @property
     def window(self) -> Window:
-        """The micro-batches held and their buffers (:class:`gradbalance.window.Window`)."""
+        """The micro-batches held and their buffers (:class:`gradbalance._window.Window`)."""
         return self._window
 
     @property
@@ -210,7 +210,7 @@ class Balancer:
                 micro-batches' gradients and losses — the same as one batch made of all of them,
                 when each loss is a mean over equally sized micro-batches (do not divide the
                 losses by the number of micro-batches). In amortized mode one π weights the whole
-                window (:class:`~gradbalance.modes.amortized.AmortizedMode`). See
+                window (:class:`~gradbalance.modes._amortized.AmortizedMode`). See
                 :meth:`discard_micro_batches` for the window's lifetime.
             retain_graph: keep the autograd graph, as in :meth:`torch.Tensor.backward`.
             grad_scaler: a :class:`torch.amp.GradScaler`: the gradients are computed scaled by

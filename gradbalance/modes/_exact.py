@@ -4,10 +4,10 @@ parameters.
 The per-task gradients are computed as rows ``r_i = ρ_i ∇̄L_i`` — ``∇̄L_i`` the gradient of loss
 i (the mean over the micro-batches of an accumulation window), ``ρ_i`` the scale it was computed
 with (``S / D_i`` for the window's first micro-batch, ``S`` a grad scaler's scale,
-``D_i = L_i − m_i``: :attr:`gradbalance.step.Step.rho`). With ``D̄_i`` the window's mean shifted
+``D_i = L_i − m_i``: :attr:`gradbalance._inputs.Step.rho`). With ``D̄_i`` the window's mean shifted
 loss, the log-loss gradients (docs/method.md, "Objectives") are ``g_i = ∇̄L_i / D̄_i = f_i r_i``
 with ``f_i = 1 / (ρ_i D̄_i)``: one scale per row, so the Gram matrix of the g_i is the rows' Gram
-matrix rescaled (:func:`~gradbalance.modes.base.log_loss_gram`), and the direction
+matrix rescaled (:func:`~gradbalance.modes._base.log_loss_gram`), and the direction
 ``d = Σ π_i g_i`` is a combination of the rows (:func:`row_coefficients`). The rows are of order
 one whatever the scale of the losses, so their float32 products neither underflow nor overflow.
 """
@@ -18,19 +18,19 @@ import contextlib
 
 import torch
 
-from .. import engine
-from ..buffers import Blocks, FlatGradients, Role
-from ..guard import Ok, both, poisoned
-from ..step import Step
+from .. import _engine as engine
+from .._buffers import Blocks, FlatGradients, Role
+from .._guard import Ok, both, poisoned
+from .._inputs import Step
 from ..weighting import loss_coefficients
-from .base import Call, GramMode, Outcome, log_loss_gram
+from ._base import Call, GramMode, Outcome, log_loss_gram
 
 __all__ = ["ExactMode", "row_coefficients"]
 
 
 class ExactMode(GramMode):
     """``"exact"`` (MoKD eq. 9, MGDA): per-task gradients from one vmapped backward or k passes
-    (:mod:`gradbalance.strategy`), their Gram matrix accumulated in float64,
+    (:mod:`gradbalance._per_task`), their Gram matrix accumulated in float64,
     ``π = argmin_{π ∈ Δ} ‖Σ π_i g_i‖²`` solved exactly
     (:func:`gradbalance.weighting.min_norm_weights`): ``d`` never conflicts with any objective,
     ``⟨d, g_i⟩ ≥ ‖d‖² ≥ 0``. ``"affine"``: the paper's Theorem 3.1 without π ≥ 0
@@ -43,7 +43,7 @@ class ExactMode(GramMode):
 
     Args:
         name: ``"exact"`` or ``"affine"``. weighting: π from the Gram matrix. normalize: see
-            :class:`~gradbalance.modes.base.BalancingMode`.
+            :class:`~gradbalance.modes._base.BalancingMode`.
     """
 
     per_task = True

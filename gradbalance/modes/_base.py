@@ -1,6 +1,6 @@
 """What every mode is, and the pieces modes share.
 
-A mode turns one checked step (:class:`~gradbalance.step.Step`) into ``.grad`` and tells the
+A mode turns one checked step (:class:`~gradbalance._inputs.Step`) into ``.grad`` and tells the
 :class:`~gradbalance.Balancer` what π it used: :meth:`BalancingMode.backward` returns an
 :class:`Outcome`, or None while micro-batches are held. The balancer then keeps what the outcome
 says (π, the Gram matrix) where its verdict holds; the mode keeps its own state itself (amortized
@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from .. import engine
-from ..buffers import Role
-from ..distributed import local
-from ..guard import DeviceGuard, Ok, SyncGuard, both, losses_valid, poisoned
-from ..step import Bounds, Step
-from ..strategy import PerTaskBackward
-from ..window import Held, Window, checked_values
+from .. import _engine as engine
+from .._buffers import Role
+from .._distributed import local
+from .._guard import DeviceGuard, Ok, SyncGuard, both, losses_valid, poisoned
+from .._inputs import Bounds, Step
+from .._per_task import PerTaskBackward
+from .._window import Held, Window, checked_values
 
 __all__ = [
     "BalancingMode",

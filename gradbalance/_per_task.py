@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from . import engine
-from .step import Step
+from . import _engine as engine
+from ._inputs import Step
 
 __all__ = ["PerTaskBackward", "is_vmap_failure", "suits_vmap"]
 
@@ -87,7 +87,7 @@ class PerTaskBackward:
         by_backward: bool = False,
     ) -> engine.Blocks:
         """Per-task gradients ``ρ_i ∇L_i`` of ``losses`` for ``tensors``
-        (:func:`gradbalance.engine.task_gradients`), vmapped or by k passes; a vmapped backward
+        (:func:`gradbalance._engine.task_gradients`), vmapped or by k passes; a vmapped backward
         that vmap cannot run falls back to the k passes (``vectorize=None``, before any vmapped
         backward succeeded in this run: the first try then keeps the graph for them)."""
         if not vectorized or self.choice is False:

@@ -20,11 +20,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from .balancer import Balancer
-from .guard import Guard
+from ._balancer import Balancer
+from ._guard import Guard
+from ._inputs import LossesLike
+from ._options import OPTION_NAMES
 from .modes import Mode
-from .options import OPTION_NAMES
-from .step import LossesLike
 
 __all__ = ["MultiObjectiveOptimizer"]
 
@@ -70,7 +70,7 @@ class MultiObjectiveOptimizer(Optimizer):
             raises later (:meth:`gradbalance.Balancer.raise_deferred`). Default (None):
             ``"device"`` where the parameters are on CUDA and the base takes ``found_inf``
             (torch's fused Adam, AdamW, SGD, Adagrad: the default base is fused), else ``"sync"``.
-        **kwargs: the Balancer's options (:class:`gradbalance.options.BalancingOptions`:
+        **kwargs: the Balancer's options (:class:`gradbalance._options.BalancingOptions`:
             ``min_losses``, ``normalize``, ``pi_lr``, ``pi_weight_decay``, ``pi_optimizer``,
             ``stats_every``, ``vectorize``, ``weighting``); the other keyword arguments are the
             base's (``lr``, ``weight_decay``, ``betas``, ``fused``, …).

@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 import torch
 
-from .. import distributed, engine
-from ..guard import DeviceGuard, Ok, SyncGuard, select
-from ..step import Bounds
+from .. import _distributed as distributed
+from .. import _engine as engine
+from .._guard import DeviceGuard, Ok, SyncGuard, select
+from .._inputs import Bounds
 from ..weighting import loss_coefficients
-from .base import BalancingMode, Call, Outcome, floats, log_loss_gram, weighted_backward
+from ._base import BalancingMode, Call, Outcome, floats, log_loss_gram, weighted_backward
 
 __all__ = [
     "FAMO_EPSILON",
@@ -191,7 +192,7 @@ class AmortizedMode(BalancingMode):
     balanced backward, whose decrease the next update measures.
 
     Args:
-        hyper: the π optimizer. normalize: see :class:`~gradbalance.modes.base.BalancingMode`.
+        hyper: the π optimizer. normalize: see :class:`~gradbalance.modes._base.BalancingMode`.
         stats_every: also compute the per-task gradient statistics every ``stats_every``-th
             backward (0: never). Observational: they cannot change the trajectory; under
             torch.distributed they are each rank's own.

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import engine
-from ..guard import both, poisoned
+from .. import _engine as engine
+from .._guard import both, poisoned
 from ..weighting import loss_coefficients
-from .base import Call, GramMode, Outcome, log_loss_gram, solvable, weighted_backward
+from ._base import Call, GramMode, Outcome, log_loss_gram, solvable, weighted_backward
 
 __all__ = ["RepresentationMode"]
 
@@ -23,7 +23,7 @@ class RepresentationMode(GramMode):
     the parameters it is a bound, not a guarantee (docs/method.md, "Representation mode"). With
     micro-batches each is balanced by the π of its own representation. Under torch.distributed
     the Gram matrix is that of the global batch's activations
-    (:meth:`gradbalance.distributed.Layout.batch_gram`).
+    (:meth:`gradbalance._distributed.Layout.batch_gram`).
 
     """
 

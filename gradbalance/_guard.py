@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from .messages import describe_invalid_losses, describe_invalid_weights, describe_nonfinite
+from ._messages import describe_invalid_losses, describe_invalid_weights, describe_nonfinite
 
 __all__ = [
     "DeviceGuard",

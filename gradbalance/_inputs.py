@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .buffers import Role
-from .messages import describe_unreached, describe_unshared, loss_label
+from . import _distributed as distributed
+from ._buffers import Role
+from ._messages import describe_unreached, describe_unshared, loss_label
 
 __all__ = [
     "REENTRANT_CHECKPOINT",
