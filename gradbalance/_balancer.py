@@ -1,6 +1,6 @@
 """The balancing of k losses as a stateful object, in the spirit of ``torch.amp.GradScaler``.
 
-:class:`Balancer` is the public face of a small pipeline: :func:`gradbalance._inputs.check_step`
+:class:`Balancer` is the public face of a small pipeline: :func:`gradbalance._inputs.check_inputs`
 checks what a call was given, the mode (:mod:`gradbalance.modes`) writes ``.grad``, and the
 balancer keeps what the mode computed (π, the Gram matrix) where its verdict holds. Micro-batches
 wait in a :class:`gradbalance._window.Window`. :class:`gradbalance.MultiObjectiveOptimizer` is a
@@ -21,19 +21,18 @@ from typing import Any
 
 import torch
 
+from ._bounds import Bounds, count_bounds
 from ._guard import DeviceGuard, Guard, Ok, SyncGuard, select
-from ._inputs import (
-    Bounds,
+from ._inputs import BackwardInputs, check_inputs
+from ._options import BalancingOptions
+from ._parsing import (
     Expected,
     LossesLike,
     ParamsLike,
-    Step,
     as_representation,
     as_values,
-    check_step,
     in_known_order,
 )
-from ._options import BalancingOptions
 from ._per_task import PerTaskBackward
 from ._window import Window
 from .diagnostics import gradient_statistics
@@ -87,7 +86,7 @@ class Balancer:
         self._bounds = Bounds(self._options.min_losses)
         self._per_task = PerTaskBackward(self._options.vectorize)
         self._window = Window()
-        self.num_losses: int | None = Bounds.checked(self._options.min_losses)
+        self.num_losses: int | None = count_bounds(self._options.min_losses)
         self.loss_names: tuple[str, ...] | None = None
         self.backward_calls = 0
         self.weights: torch.Tensor | None = None
@@ -231,7 +230,7 @@ class Balancer:
         mode = self._mode
         with torch.enable_grad():  # the graph exists: what runs here must see it, as a backward
             shared = as_representation(representation, mode.wants_representation, mode.name)
-            step = check_step(
+            inputs = check_inputs(
                 losses,
                 params,
                 expected=self._expected(),
@@ -242,7 +241,7 @@ class Balancer:
                 refuse_plain_for=None if mode.per_task else mode.name,
             )
             call = Call(
-                step,
+                inputs,
                 self._window,
                 self._guard,
                 self._per_task,
@@ -251,9 +250,9 @@ class Balancer:
                 shared,
             )
             outcome = mode.backward(call)
-        self._per_task.settle(step)
+        self._per_task.settle(inputs)
         if outcome is not None:
-            self._commit(step, outcome)
+            self._commit(inputs, outcome)
 
     def update_weights(self, losses: LossesLike) -> None:
         """Amortized mode, FAMO's scheme: update π from the losses re-measured after the step.
@@ -276,14 +275,14 @@ class Balancer:
             window=None if held is None else len(held.loss_sum),
         )
 
-    def _commit(self, step: Step, outcome: Outcome) -> None:
+    def _commit(self, inputs: BackwardInputs, outcome: Outcome) -> None:
         """Keeps what a backward computed, where the verdict holds (on the device: the last
         state is kept where it does not; the call is counted either way)."""
         ok: Ok = outcome.ok
         if ok is False:
             return
         self.num_losses = len(outcome.weights)
-        self.loss_names = step.names
+        self.loss_names = inputs.names
         self.backward_calls += 1
         self.weights = select(ok, outcome.weights, self.weights)
         gram = outcome.gram

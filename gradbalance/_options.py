@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._bounds import count_bounds
 from ._guard import Guard
-from ._inputs import Bounds
 from .modes._amortized import FamoHyperparameters, PiOptimizer
 
 __all__ = ["OPTION_NAMES", "BalancingOptions", "Weighting"]
@@ -76,7 +76,7 @@ class BalancingOptions:
         if self.guard not in ("sync", "device"):
             raise ValueError(f"guard must be 'sync' or 'device', got {self.guard!r}")
         self.famo  # noqa: B018  (checks the π optimizer's settings)
-        Bounds.checked(self.min_losses)
+        count_bounds(self.min_losses)
 
     @property
     def famo(self) -> FamoHyperparameters:

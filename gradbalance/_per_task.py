@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import _engine as engine
-from ._inputs import Step
+from ._inputs import BackwardInputs
 
 __all__ = ["PerTaskBackward", "is_vmap_failure", "suits_vmap"]
 
@@ -65,16 +65,16 @@ class PerTaskBackward:
         self.choice: bool | None = vectorize
         self._vmap_ran = False  # a vmapped backward has succeeded in this run
 
-    def plan(self, step: Step) -> bool:
+    def plan(self, inputs: BackwardInputs) -> bool:
         """Whether this step's per-task gradients come from one vmapped backward (pure)."""
-        if step.by_backward or torch.is_anomaly_enabled():
+        if inputs.by_backward or torch.is_anomaly_enabled():
             return False
-        return suits_vmap(step.kinds) if self.choice is None else self.choice
+        return suits_vmap(inputs.kinds) if self.choice is None else self.choice
 
-    def settle(self, step: Step) -> None:
+    def settle(self, inputs: BackwardInputs) -> None:
         """Keeps the choice of a step that went through (``vectorize=None``, first step)."""
-        if self.choice is None and not step.by_backward and not torch.is_anomaly_enabled():
-            self.choice = suits_vmap(step.kinds)
+        if self.choice is None and not inputs.by_backward and not torch.is_anomaly_enabled():
+            self.choice = suits_vmap(inputs.kinds)
 
     def blocks(
         self,

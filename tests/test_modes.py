@@ -5,9 +5,11 @@ import pytest
 import torch
 from helpers import TeacherStudentProblem
 
+from gradbalance._bounds import Bounds
 from gradbalance._guard import SyncGuard
-from gradbalance._inputs import Bounds, Expected, check_step
+from gradbalance._inputs import check_inputs
 from gradbalance._options import BalancingOptions
+from gradbalance._parsing import Expected
 from gradbalance._per_task import PerTaskBackward
 from gradbalance._window import Window
 from gradbalance.modes import AmortizedMode, ExactMode, RepresentationMode, make_mode
@@ -17,7 +19,7 @@ FRESH = Expected(count=None, names=None, calls=0, from_min_losses=False, window=
 
 
 def run(mode, losses, params, window=None, accumulate=False, representation=None):
-    step = check_step(
+    step = check_inputs(
         losses,
         params,
         expected=FRESH,

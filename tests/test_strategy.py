@@ -14,7 +14,7 @@ import torch
 from helpers import TeacherStudentProblem
 
 from gradbalance import MultiObjectiveOptimizer
-from gradbalance._inputs import walk
+from gradbalance._graph import walk
 from gradbalance._per_task import PerTaskBackward, is_vmap_failure, suits_vmap
 
 

@@ -5,15 +5,17 @@ import copy
 import pytest
 import torch
 
+from gradbalance._bounds import Bounds
 from gradbalance._guard import SyncGuard
-from gradbalance._inputs import Bounds, Expected, check_step
+from gradbalance._inputs import check_inputs
+from gradbalance._parsing import Expected
 from gradbalance._window import Window
 
 
 def micro_batch(weight, accumulate, offset=0.0):
     losses = [(weight + offset).exp().sum(), weight.square().sum() + 1]
     expected = Expected(count=None, names=None, calls=0, from_min_losses=False, window=None)
-    return check_step(
+    return check_inputs(
         losses,
         [weight],
         expected=expected,

@@ -21,8 +21,8 @@ import torch
 
 from .. import _distributed as distributed
 from .. import _engine as engine
+from .._bounds import Bounds
 from .._guard import DeviceGuard, Ok, SyncGuard, select
-from .._inputs import Bounds
 from ..weighting import loss_coefficients
 from ._base import BalancingMode, Call, Outcome, floats, log_loss_gram, weighted_backward
 
@@ -206,23 +206,23 @@ class AmortizedMode(BalancingMode):
         self.previous_losses: torch.Tensor | None = None
 
     def backward(self, call: Call) -> Outcome | None:
-        step, window = call.step, call.window
-        famo = self._current(len(step.losses), step.tensors[0])
-        single = window.pending == 0 and not step.accumulate
+        inputs, window = call.inputs, call.window
+        famo = self._current(len(inputs.losses), inputs.tensors[0])
+        single = window.pending == 0 and not inputs.accumulate
         if single:
-            famo = self._advanced(famo, step.values, step.min_losses)
+            famo = self._advanced(famo, inputs.values, inputs.min_losses)
         opening = window.held is None
         weights = famo.weights.to(torch.float64) if opening else window.held.weights
-        held = window.opened(step, weights=weights)
+        held = window.opened(inputs, weights=weights)
         coefficients = loss_coefficients(
-            weights, step.shifted + FAMO_EPSILON, normalize=self.normalize
+            weights, inputs.shifted + FAMO_EPSILON, normalize=self.normalize
         )
         gram = self._statistics(call)
         ok = weighted_backward(call, held, coefficients)
         if ok is None:
             return None
         if not single:
-            famo = self._advanced(famo, held.mean, step.min_losses)
+            famo = self._advanced(famo, held.mean, inputs.min_losses)
         self._commit(famo, held.mean, ok)
         return Outcome(weights, gram, ok)
 
@@ -251,19 +251,19 @@ class AmortizedMode(BalancingMode):
         """The Gram matrix of the log-loss gradients on every ``stats_every``-th call, else None."""
         if not self.stats_every or call.calls % self.stats_every:
             return None
-        step = call.step
-        balanced = step.balanced_only()
-        rho = step.rho.to(step.losses.dtype)
+        inputs = call.inputs
+        balanced = inputs.balanced_only()
+        rho = inputs.rho.to(inputs.losses.dtype)
         blocks = call.strategy.blocks(
-            step.losses,
+            inputs.losses,
             rho,
             balanced.tensors,
             retain_graph=True,
-            vectorized=call.strategy.plan(step),
-            by_backward=step.by_backward,
+            vectorized=call.strategy.plan(inputs),
+            by_backward=inputs.by_backward,
         )
         engine.require_dense(blocks, balanced.describe)
-        return log_loss_gram(engine.gram_matrix(blocks), rho, step.shifted)
+        return log_loss_gram(engine.gram_matrix(blocks), rho, inputs.shifted)
 
     def _current(self, num_losses: int, like: torch.Tensor) -> FamoState:
         """The state on ``like``'s device (a fresh one before the first balanced backward)."""

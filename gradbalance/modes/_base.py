@@ -1,10 +1,10 @@
 """What every mode is, and the pieces modes share.
 
-A mode turns one checked step (:class:`~gradbalance._inputs.Step`) into ``.grad`` and tells the
-:class:`~gradbalance.Balancer` what π it used: :meth:`BalancingMode.backward` returns an
-:class:`Outcome`, or None while micro-batches are held. The balancer then keeps what the outcome
-says (π, the Gram matrix) where its verdict holds; the mode keeps its own state itself (amortized
-mode's logits), under the same verdict.
+A mode turns the checked inputs of one backward (:class:`~gradbalance._inputs.BackwardInputs`) into
+``.grad`` and tells the :class:`~gradbalance.Balancer` what π it used:
+:meth:`BalancingMode.backward` returns an :class:`Outcome`, or None while micro-batches are held.
+The balancer then keeps what the outcome says (π, the Gram matrix) where its verdict holds; the mode
+keeps its own state itself (amortized mode's logits), under the same verdict.
 
 Shared here: :func:`weighted_backward` (amortized and representation modes: one ordinary backward
 of ``Σ_i c_i L_i``), :func:`log_loss_gram` (the Gram matrix of the log-loss gradients from the
@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from .. import _engine as engine
+from .._bounds import Bounds
 from .._buffers import Role
 from .._distributed import local
 from .._guard import DeviceGuard, Ok, SyncGuard, both, losses_valid, poisoned
-from .._inputs import Bounds, Step
+from .._inputs import BackwardInputs
 from .._per_task import PerTaskBackward
 from .._window import Held, Window, checked_values
 
@@ -46,7 +47,7 @@ __all__ = [
 class Call:
     """One balanced backward, as a mode gets it."""
 
-    step: Step
+    inputs: BackwardInputs
     window: Window
     guard: SyncGuard | DeviceGuard
     strategy: PerTaskBackward
@@ -201,42 +202,42 @@ def weighted_backward(call: Call, held: Held, coefficients: torch.Tensor) -> Ok 
     """Adds the gradient of ``Σ_i c_i L_i`` (``c = coefficients``, ``(k,)``) into ``.grad`` by
     one backward, through the window ``held`` belongs to. Returns the verdict on the step, or
     None while micro-batches are held."""
-    step, window, guard = call.step, call.window, call.guard
-    if step.scale is not None:
-        coefficients = coefficients * step.scale
+    inputs, window, guard = call.inputs, call.window, call.guard
+    if inputs.scale is not None:
+        coefficients = coefficients * inputs.scale
     if isinstance(guard, DeviceGuard):  # refused losses: a non-finite .grad
-        values, bounds = checked_values(step, held)
+        values, bounds = checked_values(inputs, held)
         coefficients = poisoned(coefficients, losses_valid(values, bounds))
     grads = engine.weighted_gradient(
-        step.losses,
+        inputs.losses,
         coefficients,
-        step.tensors,
+        inputs.tensors,
         retain_graph=call.retain_graph,
-        by_backward=step.by_backward,
+        by_backward=inputs.by_backward,
     )
-    engine.require_dense(grads, step.describe)
-    step, grads = step.reached_only(grads)
-    if step.single and window.pending == 0:  # one batch, one process: straight into .grad
+    engine.require_dense(grads, inputs.describe)
+    inputs, grads = inputs.reached_only(grads)
+    if inputs.single and window.pending == 0:  # one batch, one process: straight into .grad
         ok = guard.check(
-            step.values,
-            step.min_losses,
+            inputs.values,
+            inputs.min_losses,
             engine.all_finite(grads),
-            step.names,
-            allow_nonfinite=step.scaled,
+            inputs.names,
+            allow_nonfinite=inputs.scaled,
         )
-        written = engine.accumulate_grads(step.tensors, grads)
+        written = engine.accumulate_grads(inputs.tensors, grads)
     else:
-        flat = window.buffers(step, 1)
+        flat = window.buffers(inputs, 1)
         blocks = [None if grad is None else local(grad)[None] for grad in grads]
-        verdict = window.gather(step, held, flat, blocks, guard)
+        verdict = window.gather(inputs, held, flat, blocks, guard)
         if verdict is None:
             return None
-        finite = step.layout.all_ranks(engine.all_finite(flat.task_buffers))
+        finite = inputs.layout.all_ranks(engine.all_finite(flat.task_buffers))
         ok = guard.check(
-            held.mean, step.min_losses, finite, step.names, allow_nonfinite=step.scaled
+            held.mean, inputs.min_losses, finite, inputs.names, allow_nonfinite=inputs.scaled
         )
         ok = both(ok, verdict)
-        one = torch.ones(1, dtype=torch.float64, device=step.values.device)
+        one = torch.ones(1, dtype=torch.float64, device=inputs.values.device)
         written = flat.write_grad(dict.fromkeys(Role, one))
     engine.run_post_accumulate_grad_hooks(written)
     guard.conclude(ok)

@@ -1,15 +1,15 @@
 """Exact and affine modes: π from the Gram matrix of the per-task log-loss gradients of the
 parameters.
 
-The per-task gradients are computed as rows ``r_i = ρ_i ∇̄L_i`` — ``∇̄L_i`` the gradient of loss
-i (the mean over the micro-batches of an accumulation window), ``ρ_i`` the scale it was computed
-with (``S / D_i`` for the window's first micro-batch, ``S`` a grad scaler's scale,
-``D_i = L_i − m_i``: :attr:`gradbalance._inputs.Step.rho`). With ``D̄_i`` the window's mean shifted
-loss, the log-loss gradients (docs/method.md, "Objectives") are ``g_i = ∇̄L_i / D̄_i = f_i r_i``
-with ``f_i = 1 / (ρ_i D̄_i)``: one scale per row, so the Gram matrix of the g_i is the rows' Gram
-matrix rescaled (:func:`~gradbalance.modes._base.log_loss_gram`), and the direction
-``d = Σ π_i g_i`` is a combination of the rows (:func:`row_coefficients`). The rows are of order
-one whatever the scale of the losses, so their float32 products neither underflow nor overflow.
+The per-task gradients are computed as rows ``r_i = ρ_i ∇̄L_i`` — ``∇̄L_i`` the gradient of loss i
+(the mean over the micro-batches of an accumulation window), ``ρ_i`` the scale it was computed with
+(``S / D_i`` for the window's first micro-batch, ``S`` a grad scaler's scale, ``D_i = L_i − m_i``:
+:attr:`gradbalance._inputs.BackwardInputs.rho`). With ``D̄_i`` the window's mean shifted loss, the
+log-loss gradients (docs/method.md, "Objectives") are ``g_i = ∇̄L_i / D̄_i = f_i r_i`` with ``f_i =
+1 / (ρ_i D̄_i)``: one scale per row, so the Gram matrix of the g_i is the rows' Gram matrix rescaled
+(:func:`~gradbalance.modes._base.log_loss_gram`), and the direction ``d = Σ π_i g_i`` is a
+combination of the rows (:func:`row_coefficients`). The rows are of order one whatever the scale of
+the losses, so their float32 products neither underflow nor overflow.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from .. import _engine as engine
 from .._buffers import Blocks, FlatGradients, Role
 from .._guard import Ok, both, poisoned
-from .._inputs import Step
+from .._inputs import BackwardInputs
 from ..weighting import loss_coefficients
 from ._base import Call, GramMode, Outcome, log_loss_gram
 
@@ -49,38 +49,38 @@ class ExactMode(GramMode):
     per_task = True
 
     def backward(self, call: Call) -> Outcome | None:
-        step, window, guard = call.step, call.window, call.guard
-        held = window.opened(step, rho=step.rho)
-        rho = held.rho.to(step.losses.dtype)  # the scale the rows are computed with
-        step, flat, blocks = self._rows(call, rho)
+        inputs, window, guard = call.inputs, call.window, call.guard
+        held = window.opened(inputs, rho=inputs.rho)
+        rho = held.rho.to(inputs.losses.dtype)  # the scale the rows are computed with
+        inputs, flat, blocks = self._rows(call, rho)
         columns = None  # the rows are in the task buffers, unless:
         verdict: Ok | None = True
-        if blocks is not None and window.pending == 0 and step.single:
+        if blocks is not None and window.pending == 0 and inputs.single:
             columns = flat.as_columns(blocks)  # one batch, one process: no (k, n) copy
         else:
-            verdict = window.gather(step, held, flat, blocks, guard)
+            verdict = window.gather(inputs, held, flat, blocks, guard)
         del blocks  # in the buffers or in columns: the rest would only hold memory
         if verdict is None:
             return None
-        shifted = held.mean - step.min_losses
+        shifted = held.mean - inputs.min_losses
         rho64 = rho.to(torch.float64)
-        gram = log_loss_gram(step.layout.global_gram(flat.gram(columns)), rho64, shifted)
+        gram = log_loss_gram(inputs.layout.global_gram(flat.gram(columns)), rho64, shifted)
         ok = guard.check(
             held.mean,
-            step.min_losses,
+            inputs.min_losses,
             gram.isfinite().all(),
-            step.names,
+            inputs.names,
             culprits=lambda: flat.nonfinite_rows(columns),
-            allow_nonfinite=step.scaled,
+            allow_nonfinite=inputs.scaled,
         )
         weights, valid = self.weighting.weights(gram, ok, guard, self.normalize)
         ok = both(both(ok, verdict), valid)
         guard.conclude(ok)
         balanced = poisoned(
-            row_coefficients(weights, rho64, shifted, step.scale, normalize=self.normalize), ok
+            row_coefficients(weights, rho64, shifted, inputs.scale, normalize=self.normalize), ok
         )
         plain = row_coefficients(
-            torch.ones_like(weights), rho64, shifted, step.scale, normalize=self.normalize
+            torch.ones_like(weights), rho64, shifted, inputs.scale, normalize=self.normalize
         )
         written = flat.write_grad(
             {Role.BALANCED: balanced, Role.OUTSIDE: balanced, Role.PLAIN: plain}, columns
@@ -88,38 +88,40 @@ class ExactMode(GramMode):
         engine.run_post_accumulate_grad_hooks(written)
         return Outcome(weights, gram, ok)
 
-    def _rows(self, call: Call, rho: torch.Tensor) -> tuple[Step, FlatGradients, Blocks | None]:
+    def _rows(
+        self, call: Call, rho: torch.Tensor
+    ) -> tuple[BackwardInputs, FlatGradients, Blocks | None]:
         """The per-task gradients ``ρ_i ∇L_i``, their buffers, and their blocks — or ``None``
         where the k passes went straight into the buffers' rows (no micro-batch held, so that
         nothing is spoilt if this one is refused)."""
-        step, window = call.step, call.window
-        k = len(step.losses)
-        vectorized = call.strategy.plan(step)
-        if not step.layout.sharded and not vectorized and window.pending == 0:
-            flat = window.buffers(step, k)
+        inputs, window = call.inputs, call.window
+        k = len(inputs.losses)
+        vectorized = call.strategy.plan(inputs)
+        if not inputs.layout.sharded and not vectorized and window.pending == 0:
+            flat = window.buffers(inputs, k)
             passes = engine.backward_passes(
-                step.losses,
-                step.tensors,
+                inputs.losses,
+                inputs.tensors,
                 scales=rho,
                 retain_graph=call.retain_graph,
-                by_backward=step.by_backward,
+                by_backward=inputs.by_backward,
             )
             with contextlib.closing(passes):
                 for task, gradients in enumerate(passes):  # one pass's gradients at a time
-                    engine.require_dense(gradients, step.describe)
+                    engine.require_dense(gradients, inputs.describe)
                     flat.store_row(task, gradients)
-            return step, flat, None
+            return inputs, flat, None
         blocks = call.strategy.blocks(
-            step.losses,
+            inputs.losses,
             rho,
-            step.tensors,
+            inputs.tensors,
             retain_graph=call.retain_graph,
             vectorized=vectorized,
-            by_backward=step.by_backward,
+            by_backward=inputs.by_backward,
         )
-        engine.require_dense(blocks, step.describe)
-        step, blocks = step.reached_only(blocks)
-        return step, window.buffers(step, k), blocks
+        engine.require_dense(blocks, inputs.describe)
+        inputs, blocks = inputs.reached_only(blocks)
+        return inputs, window.buffers(inputs, k), blocks
 
 
 def row_coefficients(

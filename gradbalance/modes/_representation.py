@@ -30,22 +30,22 @@ class RepresentationMode(GramMode):
     wants_representation = True
 
     def backward(self, call: Call) -> Outcome | None:
-        step = call.step
-        held = call.window.opened(step)
+        inputs = call.inputs
+        held = call.window.opened(inputs)
         blocks = call.strategy.blocks(
-            step.losses,
-            step.rho.to(step.losses.dtype),
+            inputs.losses,
+            inputs.rho.to(inputs.losses.dtype),
             call.representation,
             retain_graph=True,
             vectorized=not torch.is_anomaly_enabled(),
         )
         engine.require_dense(blocks, lambda i: f"representation tensor {i}")
-        rows = step.layout.batch_gram(engine.gram_matrix(blocks))
-        gram = log_loss_gram(rows, step.rho, step.shifted)
+        rows = inputs.layout.batch_gram(engine.gram_matrix(blocks))
+        gram = log_loss_gram(rows, inputs.rho, inputs.shifted)
         # No host synchronisation: a non-finite G comes with non-finite gradients, refused below.
         weights, valid = self.weighting.weights(solvable(gram), True, call.guard, self.normalize)
         coefficients = poisoned(
-            loss_coefficients(weights, step.shifted, normalize=self.normalize), valid
+            loss_coefficients(weights, inputs.shifted, normalize=self.normalize), valid
         )
         ok = weighted_backward(call, held, coefficients)
         return None if ok is None else Outcome(weights, gram, both(ok, valid))
