@@ -2,11 +2,13 @@
 
 from ._balancer import Balancer
 from ._optimizer import MultiObjectiveOptimizer
+from ._options import BalancingOptions
 from .losses import KDLosses, classification_losses, cross_entropy_floor, kl_distillation
 from .projectors import IndefiniteSubspaceProjector, VkDProjector
 
 __all__ = [
     "Balancer",
+    "BalancingOptions",
     "IndefiniteSubspaceProjector",
     "KDLosses",
     "MultiObjectiveOptimizer",

@@ -2,9 +2,8 @@
 weighted gradient by one, their Gram matrix, and ``.grad`` written the way torch's own backward
 writes it.
 
-A *Jacobian block* is the stack of the k per-task gradients of one tensor, shape
-``(k, *tensor.shape)``, or ``None`` when no loss reaches that tensor (:mod:`gradbalance._buffers`
-lays blocks out flat). Every backward pass that is not vmapped runs in :func:`backward_passes`.
+Per-task gradients come as Jacobian blocks (:mod:`gradbalance._buffers`, which lays them out
+flat). Every backward pass that is not vmapped runs in :func:`backward_passes`.
 """
 
 from __future__ import annotations

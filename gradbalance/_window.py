@@ -4,7 +4,7 @@ A window opens with the first ``backward(..., accumulate=True)`` and closes with
 ``backward(...)`` without it, which balances the mean of the micro-batches' gradients and losses;
 it holds nothing before and after. Its whole lifetime is here:
 
-* :meth:`Window.opened` — the window with one more micro-batch (pure), whose first fixes the row
+* :meth:`Window.including` — the window with one more micro-batch (pure), whose first fixes the row
   scale ρ and, in amortized mode, π;
 * :meth:`Window.gather` — checks a micro-batch and adds it to the buffers, or closes the window;
 * :meth:`Window.discard` — drops the micro-batches held: ``zero_grad()`` of
@@ -76,7 +76,7 @@ class Window:
         """The ``(k, n)`` buffers of the per-task gradients allocated now."""
         return [] if self._flat is None else self._flat.task_buffers
 
-    def opened(
+    def including(
         self,
         inputs: BackwardInputs,
         *,

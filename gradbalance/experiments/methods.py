@@ -32,6 +32,7 @@ from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
 from gradbalance.experiments.models import FeatureClassifier, Output
 from gradbalance.experiments.training import predict
 from gradbalance.losses import Grouping, classification_losses
+from gradbalance.modes import Mode
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 ProjectorKind = Literal["subspace", "vkd"]
-Balance = Literal["exact", "amortized", "affine", "representation"]
+Balance = Mode
 Trainer = Literal["adamw", "dot"]
 
 
@@ -333,7 +334,7 @@ class Balanced:
 
     def __call__(self, losses: list[torch.Tensor], output: Output) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad()
-        shared = self.optimizer.mode == "representation"
+        shared = self.optimizer.balancer.wants_representation
         representation = shared_representation(output) if shared else None
         self.optimizer.backward(losses, representation=representation)
         self.optimizer.step()
@@ -375,12 +376,11 @@ def _update(
     if method.balance is None:
         weights = [method.distill_weight, 1.0]
         return FixedSum(_adamw(params, settings), weights, log=method.log_losses)
-    stats_every = settings.stats_every if method.balance == "amortized" else 0
     optimizer = MultiObjectiveOptimizer(
         params,
         mode=method.balance,
         normalize=settings.normalize,
-        stats_every=stats_every,
+        stats_every=settings.stats_every,  # read by the modes that need it (amortized)
         vectorize=True,  # fixed, not timed: reruns reproduce results.json bit for bit
         weighting=None if method.weighting is None else torchjd_weighting(method.weighting),
         lr=settings.lr,

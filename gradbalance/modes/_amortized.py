@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -24,17 +24,18 @@ from .. import _engine as engine
 from .._bounds import Bounds
 from .._guard import DeviceGuard, Ok, SyncGuard, select
 from ..weighting import loss_coefficients
-from ._base import BalancingMode, Call, Outcome, floats, log_loss_gram, weighted_backward
+from ._base import (
+    BalancingMode,
+    Call,
+    Outcome,
+    floats,
+    log_loss_gram,
+    refuse_weighting,
+    weighted_backward,
+)
 
-__all__ = [
-    "FAMO_EPSILON",
-    "AmortizedMode",
-    "FamoHyperparameters",
-    "FamoState",
-    "famo_update",
-    "log_loss_decrease",
-    "logit_gradient",
-]
+if TYPE_CHECKING:
+    from .._options import BalancingOptions
 
 # Added to L − m before every logarithm, as in FAMO, so a loss that reaches its bound stays finite.
 FAMO_EPSILON = 1e-8
@@ -72,12 +73,15 @@ class FamoHyperparameters:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "adam"):
-            raise ValueError(f"pi_optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
-        if not self.lr >= 0 or not self.weight_decay >= 0:
-            raise ValueError(
-                f"pi_lr and pi_weight_decay must be ≥ 0, got {self.lr} and {self.weight_decay}"
-            )
+        check_pi_optimizer(self.lr, self.weight_decay, self.optimizer)
+
+
+def check_pi_optimizer(lr: float, weight_decay: float, optimizer: str) -> None:
+    """Raises a ValueError for settings of the π optimizer it cannot run."""
+    if optimizer not in ("adamw", "adam"):
+        raise ValueError(f"pi_optimizer must be 'adamw' or 'adam', got {optimizer!r}")
+    if not lr >= 0 or not weight_decay >= 0:
+        raise ValueError(f"pi_lr and pi_weight_decay must be ≥ 0, got {lr} and {weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -198,12 +202,23 @@ class AmortizedMode(BalancingMode):
             torch.distributed they are each rank's own.
     """
 
+    names = ("amortized",)
+
     def __init__(self, hyper: FamoHyperparameters, normalize: bool, stats_every: int) -> None:
         super().__init__("amortized", normalize)
         self.hyper = hyper
         self.stats_every = stats_every
         self.famo: FamoState | None = None
         self.previous_losses: torch.Tensor | None = None
+
+    @classmethod
+    def from_options(cls, name: str, options: BalancingOptions) -> AmortizedMode:
+        """Has its own π (no ``weighting=``); normalises by default (FAMO's scaling); the only
+        mode that reads ``stats_every`` and the π optimizer's settings."""
+        refuse_weighting(name, options)
+        hyper = FamoHyperparameters(options.pi_lr, options.pi_weight_decay, options.pi_optimizer)
+        normalize = True if options.normalize is None else options.normalize
+        return cls(hyper, normalize, options.stats_every)
 
     def backward(self, call: Call) -> Outcome | None:
         inputs, window = call.inputs, call.window
@@ -213,7 +228,7 @@ class AmortizedMode(BalancingMode):
             famo = self._advanced(famo, inputs.values, inputs.min_losses)
         opening = window.held is None
         weights = famo.weights.to(torch.float64) if opening else window.held.weights
-        held = window.opened(inputs, weights=weights)
+        held = window.including(inputs, weights=weights)
         coefficients = loss_coefficients(
             weights, inputs.shifted + FAMO_EPSILON, normalize=self.normalize
         )
@@ -232,7 +247,7 @@ class AmortizedMode(BalancingMode):
         items: Sequence[torch.Tensor],
         bounds: Bounds,
         guard: SyncGuard | DeviceGuard,
-    ) -> None:
+    ) -> Ok:
         """Steps the logits by the decrease from the losses of the last balanced backward to
         ``items``, the same batch's losses re-measured after the optimizer's step."""
         if self.previous_losses is None:
@@ -244,8 +259,8 @@ class AmortizedMode(BalancingMode):
             values.to(min_losses.device)
         )
         ok = guard.check(values, min_losses, values.isfinite().all(), names)
-        guard.conclude(ok)
         self._commit(self._advanced(famo, values, min_losses), None, ok)
+        return ok
 
     def _statistics(self, call: Call) -> torch.Tensor | None:
         """The Gram matrix of the log-loss gradients on every ``stats_every``-th call, else None."""
@@ -254,14 +269,7 @@ class AmortizedMode(BalancingMode):
         inputs = call.inputs
         balanced = inputs.balanced_only()
         rho = inputs.rho.to(inputs.losses.dtype)
-        blocks = call.strategy.blocks(
-            inputs.losses,
-            rho,
-            balanced.tensors,
-            retain_graph=True,
-            vectorized=call.strategy.plan(inputs),
-            by_backward=inputs.by_backward,
-        )
+        blocks = call.per_task.blocks(inputs, balanced.tensors, rho, retain_graph=True)
         engine.require_dense(blocks, balanced.describe)
         return log_loss_gram(engine.gram_matrix(blocks), rho, inputs.shifted)
 

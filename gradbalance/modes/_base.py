@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -27,30 +27,21 @@ from .._buffers import Role
 from .._distributed import local
 from .._guard import DeviceGuard, Ok, SyncGuard, both, losses_valid, poisoned
 from .._inputs import BackwardInputs
-from .._per_task import PerTaskBackward
+from .._per_task import PerTaskGradients
 from .._window import Held, Window, checked_values
 
-__all__ = [
-    "BalancingMode",
-    "Call",
-    "GramMode",
-    "GramWeighting",
-    "Outcome",
-    "floats",
-    "log_loss_gram",
-    "solvable",
-    "weighted_backward",
-]
+if TYPE_CHECKING:
+    from .._options import BalancingOptions
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Call:
     """One balanced backward, as a mode gets it."""
 
     inputs: BackwardInputs
     window: Window
     guard: SyncGuard | DeviceGuard
-    strategy: PerTaskBackward
+    per_task: PerTaskGradients
     retain_graph: bool
     calls: int  # balanced backward calls before this one
     representation: list[torch.Tensor] | None = None
@@ -67,28 +58,40 @@ class Outcome:
 
 
 class BalancingMode(abc.ABC):
-    """A way to choose π and write ``Σ π_i g_i`` into ``.grad``.
+    """A way to choose π and write ``Σ π_i g_i`` into ``.grad``; what it allows is its own
+    (:meth:`from_options`).
 
     Attributes:
-        name: the ``mode=`` that selects it.
+        names: the ``mode=`` names that select it.
         per_task: computes per-task gradients of the parameters, so that a ``"balance": False``
             group can stay out of its Gram matrix.
         wants_representation: ``backward(..., representation=)`` is required (else refused).
-        normalize: divide ``d`` by ``Σ_j π_j / D_j``
+        name: the ``mode=`` it was made for. normalize: divide ``d`` by ``Σ_j π_j / D_j``
             (:func:`gradbalance.weighting.loss_coefficients`).
     """
 
-    name: str
-    per_task = False
-    wants_representation = False
+    names: ClassVar[tuple[str, ...]]
+    per_task: ClassVar[bool] = False
+    wants_representation: ClassVar[bool] = False
 
     def __init__(self, name: str, normalize: bool) -> None:
         self.name = name
         self.normalize = normalize
 
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, name: str, options: BalancingOptions) -> BalancingMode:
+        """The mode called ``name`` (one of :attr:`names`) with the options that concern it: the
+        default of ``normalize``, and which options it takes.
+
+        Raises:
+            ValueError: an option this mode cannot take.
+        """
+
     @abc.abstractmethod
     def backward(self, call: Call) -> Outcome | None:
-        """Adds the balanced gradient into ``.grad`` (or holds the micro-batch)."""
+        """Adds the balanced gradient into ``.grad`` (or holds the micro-batch). The balancer
+        concludes the guard's verdict (:attr:`Outcome.ok`), once per balanced backward."""
 
     def update_weights(
         self,
@@ -96,8 +99,9 @@ class BalancingMode(abc.ABC):
         items: Sequence[torch.Tensor],
         bounds: Bounds,
         guard: SyncGuard | DeviceGuard,
-    ) -> None:
-        """FAMO's re-forward scheme (amortized mode only)."""
+    ) -> Ok:
+        """FAMO's re-forward scheme; returns the verdict on the losses. Only amortized mode
+        learns π from the losses: the others refuse it."""
         raise ValueError(f"update_weights is for mode='amortized', this one is {self.name!r}")
 
     def state_dict(self) -> dict[str, Any]:
@@ -137,6 +141,15 @@ def log_loss_gram(
     return row_gram.to(torch.float64) * (factors[:, None] * factors[None, :])
 
 
+def refuse_weighting(name: str, options: BalancingOptions) -> None:
+    """Raises a ValueError when ``weighting=`` is given to a mode that has its own π."""
+    if options.weighting is not None:
+        raise ValueError(
+            f"weighting= is for the modes exact and representation, which compute the Gram "
+            f"matrix every step; {name} mode has its own π"
+        )
+
+
 class GramWeighting:
     """π from the Gram matrix: the mode's rule, or a user's ``weighting=``, whose output is
     checked (a real ``(k,)`` tensor; finite, and with ``normalize`` non-negative with a positive
@@ -146,7 +159,18 @@ class GramWeighting:
         rule: ``G (k, k) ↦ π (k,)``. custom: it is the user's.
     """
 
-    def __init__(self, rule: Callable[[torch.Tensor], torch.Tensor], custom: bool) -> None:
+    @classmethod
+    def chosen(
+        cls, weighting: Callable[[torch.Tensor], torch.Tensor] | None, default: Callable
+    ) -> GramWeighting:
+        """The user's ``weighting`` when given, else the mode's ``default`` rule."""
+        if weighting is None:
+            return cls(default)
+        return cls(weighting, custom=True)
+
+    def __init__(
+        self, rule: Callable[[torch.Tensor], torch.Tensor], *, custom: bool = False
+    ) -> None:
         self.rule = rule
         self.custom = custom
         self.source = getattr(rule, "__qualname__", None) or type(rule).__name__
@@ -240,5 +264,4 @@ def weighted_backward(call: Call, held: Held, coefficients: torch.Tensor) -> Ok 
         one = torch.ones(1, dtype=torch.float64, device=inputs.values.device)
         written = flat.write_grad(dict.fromkeys(Role, one))
     engine.run_post_accumulate_grad_hooks(written)
-    guard.conclude(ok)
     return ok

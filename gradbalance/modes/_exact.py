@@ -15,6 +15,7 @@ the losses, so their float32 products neither underflow nor overflow.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,10 +23,11 @@ from .. import _engine as engine
 from .._buffers import Blocks, FlatGradients, Role
 from .._guard import Ok, both, poisoned
 from .._inputs import BackwardInputs
-from ..weighting import loss_coefficients
-from ._base import Call, GramMode, Outcome, log_loss_gram
+from ..weighting import affine_weights, loss_coefficients, min_norm_weights
+from ._base import Call, GramMode, GramWeighting, Outcome, log_loss_gram, refuse_weighting
 
-__all__ = ["ExactMode", "row_coefficients"]
+if TYPE_CHECKING:
+    from .._options import BalancingOptions
 
 
 class ExactMode(GramMode):
@@ -37,20 +39,36 @@ class ExactMode(GramMode):
     (:func:`gradbalance.weighting.affine_weights`), for reproducing the paper only — it stops
     training when the objectives agree.
 
-    A param group with ``"balance": False`` stays out of the Gram matrix and gets the plain sum of
-    the objectives (π_i = 1). With micro-batches the rows of each are summed in a ``(k, n)``
+    Its ``"balance": False`` groups (:meth:`gradbalance.Balancer.backward`) get the plain sum of
+    the rows' coefficients. With micro-batches the rows of each are summed in a ``(k, n)``
     buffer and π is computed once, from their mean, on the last.
+
+    Its statistics are computed on every call: ``stats_every`` has nothing to add here.
 
     Args:
         name: ``"exact"`` or ``"affine"``. weighting: π from the Gram matrix. normalize: see
             :class:`~gradbalance.modes._base.BalancingMode`.
     """
 
+    names = ("exact", "affine")
     per_task = True
+
+    @classmethod
+    def from_options(cls, name: str, options: BalancingOptions) -> ExactMode:
+        """Exact mode takes ``weighting=``; affine mode has its own π, which can be negative:
+        ``normalize=True`` cannot divide by it. Neither normalises by default (the paper's step
+        ``θ ← θ − η d``)."""
+        normalize = bool(options.normalize)
+        if name == "exact":
+            return cls(name, GramWeighting.chosen(options.weighting, min_norm_weights), normalize)
+        refuse_weighting(name, options)
+        if normalize:
+            raise ValueError("normalize=True needs non-negative weights; affine mode has none")
+        return cls(name, GramWeighting(affine_weights), normalize)
 
     def backward(self, call: Call) -> Outcome | None:
         inputs, window, guard = call.inputs, call.window, call.guard
-        held = window.opened(inputs, rho=inputs.rho)
+        held = window.including(inputs, rho=inputs.rho)
         rho = held.rho.to(inputs.losses.dtype)  # the scale the rows are computed with
         inputs, flat, blocks = self._rows(call, rho)
         columns = None  # the rows are in the task buffers, unless:
@@ -75,7 +93,6 @@ class ExactMode(GramMode):
         )
         weights, valid = self.weighting.weights(gram, ok, guard, self.normalize)
         ok = both(both(ok, verdict), valid)
-        guard.conclude(ok)
         balanced = poisoned(
             row_coefficients(weights, rho64, shifted, inputs.scale, normalize=self.normalize), ok
         )
@@ -96,8 +113,8 @@ class ExactMode(GramMode):
         nothing is spoilt if this one is refused)."""
         inputs, window = call.inputs, call.window
         k = len(inputs.losses)
-        vectorized = call.strategy.plan(inputs)
-        if not inputs.layout.sharded and not vectorized and window.pending == 0:
+        streamed = not inputs.layout.sharded and window.pending == 0
+        if streamed and not call.per_task.vectorized(inputs):
             flat = window.buffers(inputs, k)
             passes = engine.backward_passes(
                 inputs.losses,
@@ -111,14 +128,7 @@ class ExactMode(GramMode):
                     engine.require_dense(gradients, inputs.describe)
                     flat.store_row(task, gradients)
             return inputs, flat, None
-        blocks = call.strategy.blocks(
-            inputs.losses,
-            rho,
-            inputs.tensors,
-            retain_graph=call.retain_graph,
-            vectorized=vectorized,
-            by_backward=inputs.by_backward,
-        )
+        blocks = call.per_task.blocks(inputs, inputs.tensors, rho, retain_graph=call.retain_graph)
         engine.require_dense(blocks, inputs.describe)
         inputs, blocks = inputs.reached_only(blocks)
         return inputs, window.buffers(inputs, k), blocks
