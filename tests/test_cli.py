@@ -13,7 +13,8 @@ from test_data import write_cifar100, write_mnist_idx
 
 from gradbalance import cli
 from gradbalance.cli import main
-from gradbalance.experiments.config import DATASET_DEFAULTS, DistillConfig
+from gradbalance.experiments.config import DistillConfig
+from gradbalance.experiments.datasets import DATASETS
 
 TINY = ["--epochs", "2", "--teacher-epochs", "2", "--seeds", "2", "--no-progress"]
 TINY += ["--train-size", "192", "--test-size", "100", "--batch-size", "64"]
@@ -205,7 +206,7 @@ def test_the_command_line_defaults_are_the_configs(dataset):
     args = cli.build_parser().parse_args(["distill", "--dataset", dataset])
     config = cli._config(args)
     assert config == DistillConfig(dataset=dataset).resolved()
-    defaults = DATASET_DEFAULTS[dataset]
+    defaults = DATASETS[dataset].defaults
     assert (config.epochs, config.lr, config.methods) == (
         defaults.epochs,
         defaults.lr,

@@ -16,9 +16,9 @@ from gradbalance.experiments.data import (
     find_cifar100,
     find_mnist_idx,
     load_cifar100,
-    load_dataset,
     read_idx,
 )
+from gradbalance.experiments.datasets import load_dataset
 
 
 def write_cifar100(root: Path, train: int = 12, test: int = 6, seed: int = 0) -> Path:

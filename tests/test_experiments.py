@@ -13,6 +13,7 @@ from helpers import tiny_digits
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
 from gradbalance.experiments.augment import Augmentation
 from gradbalance.experiments.data import Splits, with_label_noise
+from gradbalance.experiments.datasets import DATASETS, make_student
 from gradbalance.experiments.distill import run_distill
 from gradbalance.experiments.methods import (
     METHODS,
@@ -25,7 +26,6 @@ from gradbalance.experiments.methods import (
     parse_method,
     shared_representation,
 )
-from gradbalance.experiments.models import make_student
 from gradbalance.experiments.report import format_table, summarize
 from gradbalance.experiments.teacher import load_or_train_teacher
 from gradbalance.experiments.training import History, TrainConfig, train
@@ -242,19 +242,20 @@ def test_teacher_is_cached_and_retrained_when_its_settings_change(digits, tmp_pa
     cache = tmp_path / "teacher.pt"
     config = TrainConfig(epochs=1, batch_size=32)
     augmentation = Augmentation(max_shift=1)
-    first, cached = load_or_train_teacher(digits, config, augmentation, cache)
+    network = DATASETS["digits"].teachers["cnn"]
+    first, cached = load_or_train_teacher("cnn", network, digits, config, augmentation, cache)
     assert not cached and cache.is_file()
-    again, cached = load_or_train_teacher(digits, config, augmentation, cache)
+    again, cached = load_or_train_teacher("cnn", network, digits, config, augmentation, cache)
     assert cached
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not any(p.requires_grad for p in again.parameters()) and not again.training
     _, cached = load_or_train_teacher(
-        digits, TrainConfig(epochs=2, batch_size=32), augmentation, cache
+        "cnn", network, digits, TrainConfig(epochs=2, batch_size=32), augmentation, cache
     )
     assert not cached
     other_data = dataclasses.replace(digits, x_train=digits.x_train + 1)
-    _, cached = load_or_train_teacher(other_data, config, augmentation, cache)
+    _, cached = load_or_train_teacher("cnn", network, other_data, config, augmentation, cache)
     assert not cached
 
 

@@ -13,8 +13,8 @@ import torchjd.aggregation
 from helpers import tiny_digits
 
 from gradbalance import IndefiniteSubspaceProjector, VkDProjector
-from gradbalance.experiments.config import PRESETS, DistillConfig
-from gradbalance.experiments.data import load_dataset
+from gradbalance.experiments.config import DistillConfig
+from gradbalance.experiments.datasets import DATASETS, load_dataset, make_student
 from gradbalance.experiments.distill import run_distill
 from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
 from gradbalance.experiments.methods import (
@@ -28,7 +28,6 @@ from gradbalance.experiments.methods import (
     build,
     parse_method,
 )
-from gradbalance.experiments.models import make_student
 from gradbalance.experiments.report import paired_differences
 
 # Hinton's MNIST setting: the logits only unless a row insists on its projector.
@@ -104,13 +103,16 @@ def test_pcd_row_balances_with_the_task_first(digits, teacher):
 
 def test_the_long_preset_fills_what_the_command_line_leaves_open():
     long = DistillConfig(dataset="mnist", preset="long").resolved()
-    preset = PRESETS["mnist", "long"]
-    assert long.methods == MNIST_LONG_METHODS and long.epochs == preset.epochs
+    preset = DATASETS["mnist"].presets["long"]
+    assert long.methods == MNIST_LONG_METHODS and long.epochs == preset.settings["epochs"]
     assert long.seed_count("student") == 5 and long.seed_count("upgrad") == 3
     assert {"dot", "pcd", "imtl-g", "upgrad", "mokd-exact"} <= set(long.methods)
     # --seeds wins over the preset's per-method seeds (one cell: --seeds 1)
     one = DistillConfig(dataset="mnist", preset="long", seeds=1, methods=("mokd-exact",))
-    assert one.resolved().seed_count("mokd-exact") == 1 and one.resolved().epochs == preset.epochs
+    assert (
+        one.resolved().seed_count("mokd-exact") == 1
+        and one.resolved().epochs == preset.settings["epochs"]
+    )
     # --methods beside the preset: the preset's seeds for those methods only
     some = DistillConfig(dataset="mnist", preset="long", methods=("dot", "student")).resolved()
     assert some.seeds_for == (("student", 5),) and some.seed_count("dot") == 3

@@ -23,13 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_medians
 
+from gradbalance.experiments.datasets import make_student, make_teacher
 from gradbalance.experiments.methods import (
     MethodSettings,
     TeacherTargets,
     build,
     parse_method,
 )
-from gradbalance.experiments.models import make_student, make_teacher
 
 METHODS = (
     "student",

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from gradbalance.experiments.augment import default_augmentation
 from gradbalance.experiments.config import DistillConfig
-from gradbalance.experiments.data import Splits, load_dataset
+from gradbalance.experiments.data import Splits
+from gradbalance.experiments.datasets import dataset, load_dataset, make_student
 from gradbalance.experiments.methods import (
     METHODS,
     Balanced,
@@ -45,7 +45,7 @@ from gradbalance.experiments.methods import (
     build,
     shared_representation,
 )
-from gradbalance.experiments.models import FeatureClassifier, Output, make_student
+from gradbalance.experiments.models import FeatureClassifier, Output
 from gradbalance.experiments.teacher import load_or_train_teacher, teacher_schedule
 from gradbalance.experiments.training import TrainConfig, train
 from gradbalance.weighting import min_norm_weights
@@ -150,7 +150,7 @@ def step_times(
     """Median seconds of one training step of each method of :data:`TIMED` on one batch."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(splits.y_train), generator=generator)[: DEFAULTS.batch_size]
-    inputs = default_augmentation(DEFAULTS.dataset)(splits.x_train[index], generator)
+    inputs = dataset(DEFAULTS.dataset).augmentation(splits.x_train[index], generator)
     labels = splits.y_train[index]
 
     def step_of(name: str):
@@ -188,17 +188,23 @@ def main() -> None:
 
     start = time.perf_counter()
     splits = load_dataset(DEFAULTS.dataset).to(DEFAULTS.device)
-    augmentation = default_augmentation(DEFAULTS.dataset)
+    spec = dataset(DEFAULTS.dataset)
+    network = spec.teachers[DEFAULTS.teacher]
     args.teacher_cache.parent.mkdir(parents=True, exist_ok=True)
     teacher, cached = load_or_train_teacher(
-        splits, teacher_schedule(DEFAULTS.teacher_epochs), augmentation, args.teacher_cache
+        DEFAULTS.teacher,
+        network,
+        splits,
+        teacher_schedule(network, DEFAULTS.teacher_epochs),
+        spec.teacher_augmentation,
+        args.teacher_cache,
     )
     student = student_for(splits, args.seed)
     targets = TeacherTargets(teacher, None)
     objectives, update = build(METHODS["mokd-exact"], student, targets, settings())
     observed = Observed(update)
     schedule = TrainConfig(args.epochs, DEFAULTS.batch_size, DEFAULTS.lr, DEFAULTS.weight_decay)
-    history = train(student, objectives, observed, splits, schedule, args.seed, augmentation)
+    history = train(student, objectives, observed, splits, schedule, args.seed, spec.augmentation)
     exact = torch.stack(observed.exact)[:, 0]
     representation = torch.stack(observed.representation)[:, 0]
     results = {

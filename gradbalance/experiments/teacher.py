@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from gradbalance.experiments.augment import Augmentation
 from gradbalance.experiments.data import Splits
+from gradbalance.experiments.datasets import Network
 from gradbalance.experiments.methods import FixedSum, TaskObjective
-from gradbalance.experiments.models import FeatureClassifier, make_teacher
+from gradbalance.experiments.models import FeatureClassifier
 from gradbalance.experiments.training import EpochCallback, TrainConfig, train
 
 __all__ = [
@@ -23,21 +25,28 @@ __all__ = [
 ]
 
 TEACHER_SEED = 0
-# Bump when make_teacher's architecture changes, so that old caches are not loaded.
-_ARCHITECTURE_VERSION = 1
+# Bump when a teacher's architecture changes, so that old caches are not loaded.
+_ARCHITECTURE_VERSION = 2
 
 
-def teacher_schedule(epochs: int) -> TrainConfig:
-    """The teacher's schedule, independent of the students': AdamW lr 3e-3, weight decay 0.05,
-    batches of 128, cosine decay over ``epochs``."""
-    return TrainConfig(epochs, batch_size=128, lr=3e-3, weight_decay=0.05)
+def teacher_schedule(network: Network, epochs: int) -> TrainConfig:
+    """The teacher's schedule, independent of the students': its network's AdamW settings and
+    batch size, cosine decay over ``epochs``."""
+    return TrainConfig(epochs, network.batch_size, network.lr, network.weight_decay)
 
 
 def cache_key(
-    splits: Splits, config: TrainConfig, augmentation: Augmentation | None
+    name: str,
+    network: Network,
+    splits: Splits,
+    config: TrainConfig,
+    augmentation: Augmentation | None,
 ) -> dict[str, Any]:
     """Everything the teacher's weights depend on; a cache with another key is retrained."""
     return {
+        "teacher": name,
+        "width": network.width,
+        "max_norm": network.max_norm,
         "dataset": splits.name,
         "train_size": len(splits.y_train),
         "data": _fingerprint(splits),
@@ -58,28 +67,31 @@ def _fingerprint(splits: Splits) -> str:
 
 
 def load_or_train_teacher(
+    name: str,
+    network: Network,
     splits: Splits,
     config: TrainConfig,
     augmentation: Augmentation | None,
     cache: Path,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[FeatureClassifier, bool]:
-    """The teacher for ``splits``, from ``cache`` when it was trained with the same key.
+    """The teacher ``network`` (called ``name``) for ``splits``, from ``cache`` when it was
+    trained with the same key.
 
     Otherwise a fresh teacher is trained with cross-entropy (seed :data:`TEACHER_SEED`) and saved
     to ``cache``. Returns the teacher (in eval mode, frozen, on the data's device) and whether it
     came from the cache.
     """
     device = splits.x_train.device
-    key = cache_key(splits, config, augmentation)
+    key = cache_key(name, network, splits, config, augmentation)
     torch.manual_seed(TEACHER_SEED)
-    teacher = make_teacher(splits.name, splits.input_shape, splits.num_classes).to(device)
+    teacher = network.build(splits.input_shape, splits.num_classes, network.width).to(device)
     saved = torch.load(cache, map_location=device, weights_only=True) if cache.is_file() else None
     cached = saved is not None and saved["key"] == key
     if cached:
         teacher.load_state_dict(saved["state_dict"])
     else:
-        _fit(teacher, splits, config, augmentation, on_epoch)
+        _fit(teacher, network.max_norm, splits, config, augmentation, on_epoch)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"key": key, "state_dict": teacher.state_dict()}, cache)
     teacher.eval().requires_grad_(False)
@@ -88,6 +100,7 @@ def load_or_train_teacher(
 
 def _fit(
     teacher: FeatureClassifier,
+    max_norm: float | None,
     splits: Splits,
     config: TrainConfig,
     augmentation: Augmentation | None,
@@ -96,6 +109,9 @@ def _fit(
     optimizer = torch.optim.AdamW(
         teacher.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
+    if max_norm is not None:
+        layers = [module for module in teacher.modules() if isinstance(module, nn.Linear)]
+        optimizer.register_step_post_hook(lambda *_: _clip_rows(layers, max_norm))
     train(
         teacher,
         TaskObjective(),
@@ -106,3 +122,12 @@ def _fit(
         augmentation,
         on_epoch,
     )
+
+
+@torch.no_grad()
+def _clip_rows(layers: list[nn.Linear], max_norm: float) -> None:
+    """The max-norm constraint (Srivastava et al. 2014, §5.1): every unit's incoming weight
+    vector w (a row of the weight) is scaled back onto the ball ‖w‖₂ ≤ ``max_norm``."""
+    for layer in layers:
+        norms = layer.weight.norm(dim=1, keepdim=True)
+        layer.weight.mul_(norms.clamp(max=max_norm) / norms.clamp_min(1e-12))
