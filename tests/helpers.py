@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -229,3 +229,25 @@ def tiny_digits(**overrides: Any) -> Any:
         progress=False,
     )
     return DistillConfig(**{**defaults, **overrides})
+
+
+def two_task_min_norm(
+    windows: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]
+) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The balanced direction of two losses, in closed form (float64 reference).
+
+    ``windows`` holds, for each micro-batch of a step (and rank), its two losses with their graph
+    to ``params``. With the means over micro-batches ``L̄_i`` and ``∇̄L_i``, the log-loss
+    gradients are ``g_i = ∇̄L_i / L̄_i``; the min-norm point of the segment [g_2, g_1] is
+    ``d = π g_1 + (1 − π) g_2`` with ``π = clamp(⟨g_2 − g_1, g_2⟩ / ‖g_1 − g_2‖², 0, 1)``.
+    Returns (π, d, g_1, g_2), the vectors flattened over ``params``.
+    """
+    grads, values = [0, 0], [0, 0]
+    for losses in windows:
+        for i, loss in enumerate(losses):
+            flat = torch.autograd.grad(loss, list(params), retain_graph=True)
+            grads[i] = grads[i] + torch.cat([g.flatten() for g in flat])
+            values[i] = values[i] + loss.detach()
+    g1, g2 = (grad / value for grad, value in zip(grads, values))  # the 1/n of both means cancels
+    pi = ((g2 - g1) @ g2 / (g1 - g2).square().sum()).clamp(0, 1).item()
+    return pi, pi * g1 + (1 - pi) * g2, g1, g2

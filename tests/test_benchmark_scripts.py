@@ -22,6 +22,16 @@ WORKLOADS = ("mlp", "cnn", "transformer")
 QUICK_KS = (2, 3)
 # The variants of the brief; floor.py may have more (each new one is one more column).
 VARIANTS = ("plain", "exact", "floor", "torchjd", "amortized", "famo")
+CIFAR_ROWS = (
+    "kd",
+    "dot",
+    "mokd-exact",
+    "mokd-representation",
+    "mokd-amortized",
+    "imtl-g",
+    "vkd",
+    "mokd-subspace",
+)
 TIME_COLUMNS = ("exact", "floor", "exact / floor", "torchjd", "amortized", "famo")
 
 
@@ -129,6 +139,7 @@ def test_gpu_check_on_cpu_runs_what_it_can_and_skips_the_rest(gpu_check_report):
         "sync": "skipped: no CUDA",
         "tables": "pass",
         "projectors": "pass",
+        "cifar": "pass",
     }
     for title, status in (
         ("1. CUDA tests", "skipped: no CUDA"),
@@ -136,12 +147,15 @@ def test_gpu_check_on_cpu_runs_what_it_can_and_skips_the_rest(gpu_check_report):
         ("3. The sync-free step", "skipped: no CUDA"),
         ("4. Step time and memory against the floor", "pass"),
         ("5. Projectors against their floor", "pass"),
+        ("6. CIFAR-100 rows: images/s and memory", "pass"),
     ):
         assert f"## {title}: {status}" in report
     kernel_rows = records["kernels"]["data"]
     assert sorted({row["k"] for row in kernel_rows}) == [2, 4, 8]
     projector_rows = records["projectors"]["data"]
     assert len(projector_rows) == 2 and all(row["ratio"]["qr"] > 0 for row in projector_rows)
+    cifar_rows = records["cifar"]["data"]["rows"]
+    assert [row["row"] for row in cifar_rows] == list(CIFAR_ROWS)
     table_rows = records["tables"]["data"]["rows"]
     assert {(row["workload"], row["k"]) for row in table_rows} == {
         (name, k) for name in WORKLOADS for k in QUICK_KS

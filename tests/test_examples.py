@@ -22,6 +22,8 @@ def run_example(*command: str) -> str:
     # Inductor (compiled in this process by other tests) exports a pointer of this process in
     # _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR; children that inherit it could abort at exit.
     env = {k: v for k, v in os.environ.items() if not k.startswith("_TORCHINDUCTOR")}
+    # The examples import the gradbalance of this checkout, not another one installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES.parent), env.get("PYTHONPATH")]))
     result = subprocess.run(
         command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=600, check=False
     )

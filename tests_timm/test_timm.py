@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 from helpers import run_on_ranks
+from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.task import (
     ClassificationTask,
@@ -26,7 +27,13 @@ from timm.task import (
 )
 from timm.utils import NativeScaler, dispatch_clip_grad
 
-from gradbalance import Balancer, IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
+from gradbalance import (
+    Balancer,
+    IndefiniteSubspaceProjector,
+    MultiObjectiveOptimizer,
+    VkDProjector,
+    cross_entropy_floor,
+)
 from gradbalance.integrations.timm import (
     BalancedScaler,
     ProjectedFeatureDistillationTask,
@@ -56,16 +63,16 @@ def vit(width: int, norm: dict, distilled: bool = False) -> torch.nn.Module:
     )
 
 
-def make_task(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0):
+def make_task(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs):
     """A distillation task of ``kind``: a tiny teacher (width 16, the same for every seed) and a
-    student (width 8) and projector initialised from ``seed``."""
+    student (width 8) and projector initialised from ``seed``; ``kwargs`` go to the task."""
     torch.manual_seed(0)
     teacher = vit(16, TEACHER_NORM).to(dtype)
     with torch.no_grad():  # a confident teacher, as a trained one is (timm's init is near uniform)
         teacher.head.weight.normal_(std=1.0)
     torch.manual_seed(seed)
     student = vit(8, STUDENT_NORM, distilled=kind == "token").to(dtype)
-    common = {"dtype": dtype, "verbose": False}
+    common = {"dtype": dtype, "verbose": False, **kwargs}
     if kind == "logit":
         return LogitDistillationTask(student, teacher, temperature=2.0, **common)
     if kind == "token":
@@ -106,16 +113,23 @@ def frozen_optimizer(task) -> torch.optim.Optimizer:
     return create_optimizer_v2(task.get_trainable_module(), opt="sgd", lr=0.0, weight_decay=0.0)
 
 
-def min_norm_direction(
-    losses: dict[str, torch.Tensor], params: list[torch.Tensor]
+def log_loss_gradients(
+    losses: dict[str, torch.Tensor], params: list[torch.Tensor], floors=(0.0, 0.0)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """π(distill) and d = π g_distill + (1 − π) g_task for the log-loss gradients g = ∇L / L:
-    the closed form of the min-norm point of a segment, independent of the Balancer."""
-    g1, g2 = (
+    """g_distill, g_task: g = ∇L / (L − m) by torch.autograd.grad, m the loss's floor."""
+    return tuple(
         flat(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
-        / loss.detach()
-        for loss in losses.values()
+        / (loss.detach() - floor)
+        for loss, floor in zip(losses.values(), floors)
     )
+
+
+def min_norm_direction(
+    losses: dict[str, torch.Tensor], params: list[torch.Tensor], floors=(0.0, 0.0)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """π(distill) and d = π g_distill + (1 − π) g_task for the log-loss gradients: the closed
+    form of the min-norm point of a segment, independent of the Balancer."""
+    g1, g2 = log_loss_gradients(losses, params, floors)
     pi = ((g2 - g1) @ g2 / (g1 - g2).square().sum()).clamp(0.0, 1.0)
     return pi, pi * g1 + (1 - pi) * g2
 
@@ -284,6 +298,140 @@ def test_an_overflow_skips_the_step_and_halves_the_scale():
     assert scaler.grad_scaler.get_scale() == 2.0**126
     assert all(torch.equal(p, b) for p, b in zip(parameters(task), before))
     assert not torch.isfinite(flat_grad(task)).all()
+    assert scaler.log_text() == "" and scaler.epoch_metrics() == {}, "a skipped step is no update"
+
+
+# -- a task without a distillation loss (train.py without --kd-model-name) ----------------------
+
+
+def classification_update(reference: str, clip_mode: str, create_graph: bool):
+    """One update of two micro-batches of a ClassificationTask as train.py's train_one_epoch
+    runs it (the loss divided in place by the accumulation steps), through a BalancedScaler or
+    through ``reference``: timm's NativeScaler, or train.py's path without a loss scaler.
+    Returns the .grad, the parameters and the grad scaler's state after the update."""
+    torch.manual_seed(0)
+    task = ClassificationTask(vit(8, STUDENT_NORM), verbose=False)
+    optimizer = create_optimizer_v2(task.get_trainable_module(), opt="sgd", lr=0.1)
+    scaler = {
+        "balanced, native": BalancedScaler(grad_scaler=torch.amp.GradScaler("cpu")),
+        "balanced, none": BalancedScaler(),
+        "native": NativeScaler(device="cpu"),
+    }.get(reference)
+    parts = micro_batches(dtype=torch.float32)
+    for index, (images, labels) in enumerate(parts):
+        result = task(images, labels)
+        result["loss"] /= len(parts)
+        clip = task.get_clip_parameters(exclude_head="agc" in clip_mode)
+        update = index == len(parts) - 1
+        if isinstance(scaler, BalancedScaler):
+            scaler(result, optimizer, 0.1, clip_mode, clip, create_graph, need_update=update)
+        elif scaler is not None:
+            scaler(result["loss"], optimizer, 0.1, clip_mode, clip, create_graph, update)
+        else:  # train.py without a loss scaler
+            result["loss"].backward(create_graph=create_graph)
+            if update:
+                dispatch_clip_grad(clip, 0.1, mode=clip_mode)
+                optimizer.step()
+    if isinstance(scaler, BalancedScaler):
+        assert scaler.balancer.weights is None, "nothing was balanced"
+        assert scaler.log_text() == "" and scaler.epoch_metrics() == {}
+        state = scaler.grad_scaler.state_dict()  # {} where disabled
+    else:
+        state = {} if scaler is None else scaler.state_dict()
+    return [p.grad.detach() for p in parameters(task)], parameters(task), state
+
+
+# torch warns that create_graph=True ties .grad to the graph: what NativeScaler does too
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("clip_mode", ["norm", "agc"])
+@pytest.mark.parametrize(
+    ("balanced", "reference"), [("balanced, native", "native"), ("balanced, none", None)]
+)
+def test_without_a_distillation_loss_the_scaler_steps_as_timm_does(
+    balanced, reference, clip_mode, create_graph
+):
+    grads, params, state = classification_update(balanced, clip_mode, create_graph)
+    expected_grads, expected_params, expected_state = classification_update(
+        reference, clip_mode, create_graph
+    )
+    assert state == expected_state
+    for actual, expected in zip([*grads, *params], [*expected_grads, *expected_params]):
+        assert torch.equal(actual, expected)
+
+
+def test_an_output_without_a_loss_raises_naming_its_keys():
+    task = make_task("logit")
+    with pytest.raises(KeyError, match=r"'loss'.*got the keys \['output'\]"):
+        BalancedScaler()({"output": torch.zeros(1)}, frozen_optimizer(task))
+
+
+# -- what train.py logs: π, GrC, GrD -------------------------------------------------------------
+
+
+def test_the_scaler_reports_pi_grc_and_grd_of_the_updates():
+    task = make_task("logit")
+    optimizer = create_optimizer_v2(task.get_trainable_module(), opt="sgd", lr=0.5)
+    scaler = BalancedScaler()
+    expected = []  # per update: π(distill), π(task), GrC, GrD, cosine, at a vertex
+    for seed in (1, 2, 3, 4):
+        result = task(*batch(seed=seed))
+        g1, g2 = log_loss_gradients(task_losses(result), parameters(task))
+        pi, _ = min_norm_direction(task_losses(result), parameters(task))
+        cosine = torch.nn.functional.cosine_similarity(g1, g2, dim=0).item()
+        vertex = float(pi in (0.0, 1.0))
+        norms = (g1.norm() / g2.norm()).item()
+        expected.append([pi.item(), 1 - pi.item(), (g1 @ g2).item(), norms, cosine, vertex])
+        scaler(result, optimizer)
+        optimizer.zero_grad()
+    means = [sum(column) / len(expected) for column in zip(*expected)]
+    assert 0 < means[-1] < 1, "the updates include a vertex and an inner point"
+    for pi, _, _, grd, cosine, _ in expected:  # the vertices, as docs/integrations/timm.md says
+        assert (pi == 1.0) == (cosine >= grd) and (pi == 0.0) == (cosine >= 1 / grd)
+    number = r"(-?[\d.e+-]+)"
+    line = rf"  π\(distill\): {number} \({number}\)  GrC: {number}  GrD: {number}  cos: {number}"
+    printed = [float(x) for x in re.fullmatch(line, scaler.log_text()).groups()]
+    pi, _, grc, grd, cosine, _ = expected[-1]
+    assert printed[:2] == pytest.approx([pi, means[0]], abs=5e-4)  # printed with 3 decimals
+    assert printed[2:4] == pytest.approx([grc, grd], rel=5e-3)  # with 3 significant digits
+    assert printed[4] == pytest.approx(cosine, abs=5e-4)
+    metrics = scaler.epoch_metrics()
+    assert list(metrics) == ["pi_distill", "pi_task", "grc", "grd", "cos", "pi_vertex"]
+    assert list(metrics.values()) == pytest.approx(means, rel=1e-9)
+    assert scaler.epoch_metrics() == {}, "the next epoch starts anew"
+
+
+def test_a_held_micro_batch_is_not_reported():
+    task = make_task("logit")
+    scaler = BalancedScaler()
+    first, _ = micro_batches()
+    scaler(task(*first), frozen_optimizer(task), need_update=False)
+    assert scaler.log_text() == "" and scaler.epoch_metrics() == {}
+
+
+# -- label smoothing: the task loss's floor -------------------------------------------------------
+
+
+def test_the_cross_entropy_floor_is_the_minimum_of_timms_label_smoothing_loss():
+    classes, smoothing = 4, 0.1
+    target = torch.full((1, classes), smoothing / classes, dtype=torch.float64)
+    target[0, 2] += 1 - smoothing
+    loss = LabelSmoothingCrossEntropy(smoothing)(target.log(), torch.tensor([2]))
+    assert loss.item() == pytest.approx(cross_entropy_floor(classes, smoothing), rel=1e-12)
+
+
+def test_with_label_smoothing_the_task_loss_is_balanced_above_its_floor():
+    floor = cross_entropy_floor(4, 0.1)
+    task = make_task("logit", criterion=LabelSmoothingCrossEntropy(0.1))
+    result = task(*batch())
+    losses = task_losses(result)
+    pi, expected = min_norm_direction(losses, parameters(task), floors=(0.0, floor))
+    pi_without_floor, _ = min_norm_direction(losses, parameters(task))
+    scaler = BalancedScaler(Balancer(min_losses=[0.0, floor]))
+    scaler(result, frozen_optimizer(task))
+    torch.testing.assert_close(scaler.balancer.weights[0], pi, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(flat_grad(task), expected, rtol=1e-9, atol=1e-12)
+    assert abs(pi - pi_without_floor) > 1e-3, "the floor changes π"
 
 
 # -- a MultiObjectiveOptimizer, checkpoints, EMA -------------------------------------------------

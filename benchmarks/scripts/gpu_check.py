@@ -1,8 +1,8 @@
-"""One unattended GPU check: CUDA tests, Triton kernels, the sync-free step, the floor tables.
+"""One unattended GPU check: CUDA tests, Triton kernels, sync-free step, floor tables, CIFAR rows.
 
     python benchmarks/scripts/gpu_check.py --out DIR [--device cuda|cpu] [--quick]
 
-Writes ``DIR/report.md`` (and ``DIR/report.json``, every figure) with four sections, each with
+Writes ``DIR/report.md`` (and ``DIR/report.json``, every figure) with six sections, each with
 its status (pass, fail, or skipped), its time and its output:
 
 1. CUDA tests: ``pytest -q -x`` on the test files that run on a GPU when one is present (those
@@ -21,12 +21,16 @@ its status (pass, fail, or skipped), its time and its output:
 5. The projector table of ``bench_projectors.py``: ``proj.loss`` forward + backward with
    ``triv="qr"`` and geotorch's ``"cayley"`` against unconstrained matrices of the same shapes,
    at the shapes of docs/projectors.md (7 repeats; ``--quick`` and ``--device cpu``: tiny shapes).
+6. CIFAR-100's resnet32x4 → resnet8x4: ``CIFAR_STEPS`` steps of each row of
+   ``cifar_step_cost.py`` (its row builders: teacher forward, student step, mdistiller's SGD) on
+   one random batch of 64 after ``CIFAR_WARMUP`` unmeasured ones, images per second and the peak
+   memory of a step (``timing.peak_bytes``); ``--quick`` and ``--device cpu``: 2 steps at batch 2.
 
 Each section runs in a child process of this script (``--section NAME``) with its own time
-budget (``BUDGETS``, 315 s together), so a hang, a crash or an error that breaks the CUDA context
+budget (``BUDGETS``, 435 s together), so a hang, a crash or an error that breaks the CUDA context
 fails that section only and the others still run. ``--device cpu`` runs sections 2 (Triton's CPU
-interpreter) and 4 at tiny sizes and marks the CUDA-only ones "skipped: no CUDA"; ``--quick``
-shrinks sections 2 and 4 on the GPU too.
+interpreter), 4, 5 and 6 at tiny sizes and marks the CUDA-only ones "skipped: no CUDA";
+``--quick`` shrinks sections 2, 4, 5 and 6 on the GPU too.
 """
 
 from __future__ import annotations
@@ -51,8 +55,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 # Seconds per section, the child's hard limit. The tests compile every Triton specialisation
 # they meet; the tables' child stops starting rows TABLE_MARGIN seconds before its limit.
-BUDGETS = {"tests": 125, "kernels": 45, "sync": 30, "tables": 75, "projectors": 40}
+BUDGETS = {"tests": 125, "kernels": 45, "sync": 30, "tables": 75, "projectors": 40, "cifar": 120}
 TABLE_MARGIN = 20
+# Section 6: steps per row (after CIFAR_WARMUP), at the recipe's batch; the child stops starting
+# rows CIFAR_MARGIN seconds before its limit.
+CIFAR_STEPS = 200
+CIFAR_WARMUP = 10
+CIFAR_MARGIN = 15
 KERNEL_MARGIN = 8
 GPU_BATCHES = {"mlp": 2048, "cnn": 512, "transformer": 128}
 # Tolerances of section 2: float32 arithmetic on float32 data (as tests/test_triton_kernels.py);
@@ -384,12 +393,72 @@ def projectors_section(device: str, quick: bool, deadline: float) -> Result:
     return Result(passed, bench_projectors.markdown(rows, trivs), data)
 
 
+# ---- 6. the CIFAR-100 rows -------------------------------------------------------------------
+
+
+def cifar_section(device: str, quick: bool, deadline: float) -> Result:
+    import cifar_step_cost
+    import torch
+    from timing import peak_bytes
+
+    full = device == "cuda" and not quick
+    batch, steps, warmup = (64, CIFAR_STEPS, CIFAR_WARMUP) if full else (2, 2, 1)
+    where = torch.device(device)
+    inputs, labels = cifar_step_cost.random_batch(batch, where)
+    teacher = cifar_step_cost.frozen_teacher("resnet32x4", where)
+    builders = cifar_step_cost.row_builders(teacher, "resnet8x4", inputs, labels)
+    wait = torch.cuda.synchronize if where.type == "cuda" else (lambda: None)
+    rows, skipped = [], []
+    for name, build in builders.items():
+        if time.monotonic() > deadline - CIFAR_MARGIN:
+            skipped.append(name)
+            continue
+        step = build()
+        for _ in range(warmup):
+            step()
+        wait()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wait()
+        seconds = time.perf_counter() - start
+        del step
+        rows.append(
+            {
+                "row": name,
+                "images_per_s": steps * batch / seconds,
+                "peak_bytes": peak_bytes(build, where),
+            }
+        )
+    passed = not skipped and all(
+        math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 and row["peak_bytes"] > 0
+        for row in rows
+    )
+    lines = [
+        f"resnet32x4 → resnet8x4, batch {batch}, {steps} steps per row after {warmup}",
+        "",
+        "| row | images/s | time × kd | peak MiB | memory × kd |",
+        "|---|---|---|---|---|",
+    ]
+    kd = next(row for row in rows if row["row"] == "kd")
+    for row in rows:
+        lines.append(
+            f"| {row['row']} | {row['images_per_s']:.0f} | "
+            f"{kd['images_per_s'] / row['images_per_s']:.2f} | {row['peak_bytes'] / 2**20:.0f} | "
+            f"{row['peak_bytes'] / kd['peak_bytes']:.2f} |"
+        )
+    if skipped:
+        lines += ["", f"Not run (out of time): {', '.join(skipped)}"]
+    return Result(passed, "\n".join(lines), {"batch": batch, "steps": steps, "rows": rows})
+
+
 SECTIONS = {
     "tests": Section("1. CUDA tests", True, tests_section),
     "kernels": Section("2. Triton kernels against float64 references", False, kernels_section),
     "sync": Section("3. The sync-free step", True, sync_section),
     "tables": Section("4. Step time and memory against the floor", False, tables_section),
     "projectors": Section("5. Projectors against their floor", False, projectors_section),
+    "cifar": Section("6. CIFAR-100 rows: images/s and memory", False, cifar_section),
 }
 
 

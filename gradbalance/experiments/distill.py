@@ -85,9 +85,13 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
         "teacher_errors": teacher_errors,
         "config": _jsonable(config),
     }
-    results = summarize(histories, header, 1 - teacher_errors / len(splits.y_test))
+    preset = config.preset_spec
+    rival = None if preset is None else preset.rival
+    results = summarize(histories, header, 1 - teacher_errors / len(splits.y_test), rival)
     if selection.record:
         results["selection"] = selection.record
+    if preset is not None and preset.published is not None:
+        results["published"] = preset.published
     results["wall_time_s"] = time.perf_counter() - start
     history = history_document(histories)
     files = [config.out / "results.json", config.out / "history.json"]

@@ -62,32 +62,43 @@ def _spread(name: str, key: str, values: list[float]) -> dict[str, Any]:
 
 
 def summarize(
-    histories: Histories, header: Mapping[str, Any], teacher_accuracy: float
+    histories: Histories,
+    header: Mapping[str, Any],
+    teacher_accuracy: float,
+    rival: str | None = None,
 ) -> dict[str, Any]:
     """The ``results.json`` document: ``header`` fields, the teacher, every method's summary and
-    the paired differences to the best fixed weight (:func:`paired_differences`)."""
+    the paired differences to the best fixed weight (:func:`paired_differences`), and to
+    ``rival`` too (``"paired_rival"``) when it ran."""
     methods = {name: summarize_method(runs) for name, runs in histories.items()}
-    return {
+    document = {
         **header,
         "teacher_accuracy": teacher_accuracy,
         "methods": methods,
         "paired": paired_differences(methods),
     }
+    if rival in methods:
+        document["paired_rival"] = paired_differences(methods, reference=rival)
+    return document
 
 
-def paired_differences(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Each method's test errors minus the best fixed weight's, seed by seed.
+def paired_differences(
+    methods: Mapping[str, Mapping[str, Any]], reference: str | None = None
+) -> dict[str, Any]:
+    """Each method's test errors minus ``reference``'s (default: the best fixed weight's), seed
+    by seed.
 
     Every method sees the same initialisation and batch order per seed, so the per-seed
     difference removes the seed's share of the variance. Per method, over the seeds both ran:
     ``n``, the mean difference with a two-sided 95 % Student-t interval (``low``, ``high``; none
     for one seed), and the sign counts ``fewer`` / ``more`` (seeds where the method made fewer /
-    more errors). Empty when no fixed-weight row ran.
+    more errors). Empty when no fixed-weight row ran and no ``reference`` is named.
     """
-    fixed = [name for name in methods if name.startswith(FIXED_WEIGHT_PREFIXES)]
-    if not fixed:
-        return {}
-    reference = min(fixed, key=lambda name: methods[name]["errors_mean"])
+    if reference is None:
+        fixed = [name for name in methods if name.startswith(FIXED_WEIGHT_PREFIXES)]
+        if not fixed:
+            return {}
+        reference = min(fixed, key=lambda name: methods[name]["errors_mean"])
     base = methods[reference]["errors"]
     paired = {}
     for name, summary in methods.items():
@@ -152,6 +163,15 @@ def format_table(results: Mapping[str, Any]) -> str:
             f"{summary['errors_mean']:>6.1f} ± {summary['errors_std']:>4.1f}  {shown:>6}  "
             f"{summary['seconds_mean']:>6.1f}  {_paired_cell(paired, name):>24}  {seeds}"
         )
+    if "selection" in results:
+        chosen = ", ".join(
+            f"{slot}: {entry['chosen']}"
+            for slot, entry in results["selection"].items()
+            if isinstance(entry, dict)
+        )
+        lines.append(f"chosen on {results['selection']['validation']} held-out examples: {chosen}")
+    if "published" in results:
+        lines.append(f"published: {results['published']}")
     return "\n".join(lines)
 
 
