@@ -91,10 +91,10 @@ def test_a_resumed_run_keeps_its_choice_and_a_fixed_choice_survives_loading():
 @pytest.mark.parametrize("saved", [{"choice": None, "probes": 3, "best": [1.0, 2.0]}])
 def test_a_state_without_a_choice_loads_as_not_chosen_yet(saved):
     # A dict: saved while an earlier version was timing.
-    strategy = PerTaskGradients(None)
-    strategy.load_state_dict(saved)
-    assert strategy.choice is None
-    assert strategy.state_dict() == {"choice": None, "probes": 0, "best": [float("inf")] * 2}
+    per_task = PerTaskGradients(None)
+    per_task.load_state_dict(saved)
+    assert per_task.choice is None
+    assert per_task.state_dict() == {"choice": None, "probes": 0, "best": [float("inf")] * 2}
 
 
 @pytest.mark.parametrize("batch_layout", ["contiguous", "channels_last"])
