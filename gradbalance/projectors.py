@@ -73,30 +73,6 @@ def _as_vectors(z: Tensor, channels: int, tokens: str, name: str) -> Tensor:
     return z
 
 
-def _frames_from_geotorch_keys(
-    module: _StiefelProjector, state_dict: dict, prefix: str, *_
-) -> None:
-    """Load-state-dict pre-hook of a ``triv="qr"`` projector: a state dict written with
-    geotorch's ``triv="cayley"`` (the default of earlier releases) holds a base and a skew
-    parameter per frame; their frame is computed with geotorch and stored as the QR
-    parametrisation's ``original``, which ``right_inverse`` makes the frame itself. (A state
-    dict written with ``triv="expm"`` must be loaded into a projector made with
-    ``triv="expm"``.)"""
-    for name in module._stiefel_names:
-        key = f"{prefix}parametrizations.{name}."
-        if key + "0.base" not in state_dict:
-            continue
-        shape = module.parametrizations[name].original.shape
-        legacy = nn.Module()
-        legacy.register_parameter(name, nn.Parameter(torch.empty(shape)))
-        geotorch.orthogonal(legacy, name, triv="cayley")
-        legacy.parametrizations[name].load_state_dict(
-            {"original": state_dict.pop(key + "original"), "0.base": state_dict.pop(key + "0.base")}
-        )
-        with torch.no_grad():
-            state_dict[key + "original"] = getattr(legacy, name)
-
-
 class _StiefelProjector(nn.Module, abc.ABC):
     """What both projectors share: Stiefel matrices, feature shapes, caching, freezing,
     similarity and loss. Subclasses register their matrices and define ``_embed``."""
@@ -113,8 +89,6 @@ class _StiefelProjector(nn.Module, abc.ABC):
         self.tokens = tokens
         self.triv = triv
         self._stiefel_names: tuple[str, ...] = ()
-        if triv not in _GEOTORCH_TRIVIALIZATIONS:
-            self.register_load_state_dict_pre_hook(_frames_from_geotorch_keys)
 
     def _add_stiefel(self, name: str, rows: int, cols: int, factory: dict) -> None:
         self.register_parameter(name, nn.Parameter(torch.empty(rows, cols, **factory)))

@@ -18,10 +18,16 @@ regularisation is relative to each task's own norm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-__all__ = ["affine_weights", "loss_coefficients", "min_norm_weights"]
+__all__ = ["Weighting", "affine_weights", "loss_coefficients", "min_norm_weights"]
+
+# A weighting, as ``weighting=`` takes it: the (k, k) float64 Gram matrix G of the log-loss
+# gradients ↦ π, a floating (k,) tensor (min_norm_weights, affine_weights, a torchjd Weighting).
+Weighting = Callable[[torch.Tensor], torch.Tensor]
 
 # Ridge added to the correlation matrix, C + εI, i.e. G + ε·diag(G): each task is regularised
 # relative to its own squared norm, so a task 1e8 times smaller than another is not swamped (a

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradbalance.modes.amortized import FamoHyperparameters, FamoState, famo_update, logit_gradient
+from gradbalance.modes._amortized import FamoHyperparameters, FamoState, famo_update, logit_gradient
 
 loss_values = st.lists(st.floats(0.05, 5.0), min_size=3, max_size=3)
 

@@ -1,11 +1,11 @@
-"""The flat gradient buffers (gradbalance.buffers) against per-parameter float64 math."""
+"""The flat gradient buffers (gradbalance._buffers) against per-parameter float64 math."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradbalance import buffers
+from gradbalance import _buffers as buffers
 
 BALANCED = buffers.Role.BALANCED
 

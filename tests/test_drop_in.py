@@ -3,7 +3,7 @@ torch.distributed.checkpoint, deepcopy and pickle, state-dict hooks, param group
 
 Each test compares with the uninterrupted run or with plain ``torch.optim.AdamW``. The bit-for-bit
 comparisons fix ``vectorize``: by default the per-task backward is chosen by timing
-(:mod:`gradbalance.strategy`), which two runs need not agree on.
+(:mod:`gradbalance._per_task`), which two runs need not agree on.
 """
 
 import copy

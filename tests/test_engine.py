@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradbalance import engine
+from gradbalance import _engine as engine
 from gradbalance.weighting import min_norm_weights
 
 

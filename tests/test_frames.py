@@ -1,8 +1,7 @@
 """The QR frame parametrisation: its gradient against torch's float64 QR autograd, its cache
-(once per optimizer step, never stale), geotorch's frame on the same data, old checkpoints."""
+(once per optimizer step, never stale), geotorch's frame on the same data."""
 
 import copy
-import io
 
 import geotorch
 import pytest
@@ -219,25 +218,6 @@ def test_same_frame_as_geotorch_on_the_same_data():
         outputs.append((loss, proj.similarity(z_s, z_t), grad))
     for mine, geotorchs in zip(*outputs, strict=True):
         torch.testing.assert_close(mine, geotorchs, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("cls", [IndefiniteSubspaceProjector, VkDProjector])
-def test_a_geotorch_cayley_checkpoint_loads_into_the_qr_projector(cls):
-    torch.manual_seed(0)
-    old = cls(9, 5, triv="cayley")
-    with torch.no_grad():  # move off the base, so that the skew parameter matters
-        for name, param in old.named_parameters():
-            if name.endswith("original"):
-                param.add_(0.1 * torch.randn_like(param))
-    buffer = io.BytesIO()
-    torch.save(old.state_dict(), buffer)
-    buffer.seek(0)
-    new = cls(9, 5)
-    new.load_state_dict(torch.load(buffer))
-    z_s, z_t = torch.randn(4, 5), torch.randn(4, 9)
-    torch.testing.assert_close(new.loss(z_s, z_t), old.loss(z_s, z_t))
-    torch.testing.assert_close(new.similarity(z_s, z_t), old.similarity(z_s, z_t))
-    assert not any(key.endswith("base") for key in new.state_dict())
 
 
 def test_deepcopy_after_a_forward_with_a_cached_frame():

@@ -5,19 +5,24 @@ import pytest
 import torch
 from helpers import TeacherStudentProblem
 
-from gradbalance.guard import SyncGuard
-from gradbalance.modes import AmortizedMode, ExactMode, RepresentationMode, make_mode
-from gradbalance.modes.base import Call
-from gradbalance.options import BalancingOptions
-from gradbalance.step import Bounds, Expected, check_step
-from gradbalance.strategy import PerTaskBackward
-from gradbalance.window import Window
+from gradbalance._bounds import Bounds
+from gradbalance._guard import SyncGuard
+from gradbalance._inputs import check_inputs
+from gradbalance._options import BalancingOptions
+from gradbalance._parsing import Expected
+from gradbalance._per_task import PerTaskGradients
+from gradbalance._window import Window
+from gradbalance.modes._amortized import AmortizedMode
+from gradbalance.modes._base import Call
+from gradbalance.modes._exact import ExactMode
+from gradbalance.modes._registry import make_mode
+from gradbalance.modes._representation import RepresentationMode
 
 FRESH = Expected(count=None, names=None, calls=0, from_min_losses=False, window=None)
 
 
 def run(mode, losses, params, window=None, accumulate=False, representation=None):
-    step = check_step(
+    step = check_inputs(
         losses,
         params,
         expected=FRESH,
@@ -28,7 +33,13 @@ def run(mode, losses, params, window=None, accumulate=False, representation=None
         refuse_plain_for=None,
     )
     call = Call(
-        step, window or Window(), SyncGuard(), PerTaskBackward(None), False, 0, representation
+        inputs=step,
+        window=window or Window(),
+        guard=SyncGuard(),
+        per_task=PerTaskGradients(None),
+        retain_graph=False,
+        calls=0,
+        representation=representation,
     )
     return mode.backward(call)
 

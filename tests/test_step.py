@@ -1,11 +1,13 @@
-"""The checked step (gradbalance.step), without a balancer: what a call is turned into."""
+"""The checked step (gradbalance._inputs), without a balancer: what a call is turned into."""
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from gradbalance.buffers import Role
-from gradbalance.step import Bounds, Expected, check_step, in_known_order, row_scale, trainable
+from gradbalance._bounds import Bounds, count_bounds
+from gradbalance._buffers import Role
+from gradbalance._inputs import check_inputs, row_scale
+from gradbalance._parsing import Expected, in_known_order, trainable
 
 FRESH = Expected(count=None, names=None, calls=0, from_min_losses=False, window=None)
 
@@ -19,7 +21,7 @@ def step_of(losses, params, **kwargs):
         "representation": None,
         "refuse_plain_for": None,
     }
-    return check_step(losses, params, **{**options, **kwargs})
+    return check_inputs(losses, params, **{**options, **kwargs})
 
 
 def test_a_step_lists_the_parameters_once_then_the_leaves_outside_them():
@@ -72,7 +74,7 @@ def test_an_unbalanced_group_is_refused_where_the_mode_has_no_per_task_gradients
 
 def test_bounds_are_checked_and_made_once_per_device():
     with pytest.raises(ValueError, match="finite"):
-        Bounds.checked([0.0, float("inf")])
+        count_bounds([0.0, float("inf")])
     bounds = Bounds([-1.0, 0.0])
     first = bounds.on(2, torch.device("cpu"))
     assert first is bounds.on(2, torch.device("cpu"))

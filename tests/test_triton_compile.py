@@ -34,11 +34,11 @@ PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _source(kernel: str, dtype: str, aligned: bool):
-    """The ``ASTSource`` of one kernel as :mod:`gradbalance.kernels.triton_backend` launches it."""
+    """The ``ASTSource`` of one kernel as :mod:`gradbalance._kernels.triton_backend` launches it."""
     import triton.language as tl
     from triton.compiler import ASTSource
 
-    from gradbalance.kernels import triton_backend as backend
+    from gradbalance._kernels import triton_backend as backend
 
     compute = tl.float64 if dtype == "fp64" else tl.float32
     if kernel == "gram_partials":
@@ -78,7 +78,7 @@ def _compile_all() -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from gradbalance.kernels import triton_backend as backend
+    from gradbalance._kernels import triton_backend as backend
 
     records = []
     for kernel, dtype, aligned in CASES:
@@ -114,7 +114,7 @@ def _launch_wrappers() -> str | None:
     from triton.backends.nvidia.driver import CudaDriver
     from triton.runtime.driver import driver
 
-    from gradbalance.kernels import triton_backend as backend
+    from gradbalance._kernels import triton_backend as backend
 
     class NoGpuDriver(CudaDriver):
         def __init__(self) -> None:  # the real one loads libcuda

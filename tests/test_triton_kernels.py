@@ -13,8 +13,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from triton.runtime.interpreter import InterpretedFunction
 
-from gradbalance import MultiObjectiveOptimizer, kernels
-from gradbalance.kernels import torch_backend, triton_backend
+from gradbalance import MultiObjectiveOptimizer
+from gradbalance import _kernels as kernels
+from gradbalance._kernels import torch_backend, triton_backend
 from gradbalance.weighting import min_norm_weights
 
 INTERPRETED = isinstance(triton_backend._combine_kernel, InterpretedFunction)

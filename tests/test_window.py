@@ -1,19 +1,21 @@
-"""The micro-batch window (gradbalance.window): its lifetime, without a balancer."""
+"""The micro-batch window (gradbalance._window): its lifetime, without a balancer."""
 
 import copy
 
 import pytest
 import torch
 
-from gradbalance.guard import SyncGuard
-from gradbalance.step import Bounds, Expected, check_step
-from gradbalance.window import Window
+from gradbalance._bounds import Bounds
+from gradbalance._guard import SyncGuard
+from gradbalance._inputs import check_inputs
+from gradbalance._parsing import Expected
+from gradbalance._window import Window
 
 
 def micro_batch(weight, accumulate, offset=0.0):
     losses = [(weight + offset).exp().sum(), weight.square().sum() + 1]
     expected = Expected(count=None, names=None, calls=0, from_min_losses=False, window=None)
-    return check_step(
+    return check_inputs(
         losses,
         [weight],
         expected=expected,
@@ -26,7 +28,7 @@ def micro_batch(weight, accumulate, offset=0.0):
 
 
 def gather(window, step):
-    held = window.opened(step, rho=step.rho)
+    held = window.including(step, rho=step.rho)
     flat = window.buffers(step, 1)
     block = [torch.stack([step.losses.sum()]).detach().expand(1, 3).clone()]
     return held, window.gather(step, held, flat, block, SyncGuard())
@@ -49,7 +51,7 @@ def test_a_window_holds_micro_batches_until_the_last_and_then_nothing():
 def test_opened_is_pure_and_discard_drops_what_is_held():
     weight = torch.randn(3, requires_grad=True)
     window = Window()
-    window.opened(micro_batch(weight, accumulate=True), rho=torch.ones(2))
+    window.including(micro_batch(weight, accumulate=True), rho=torch.ones(2))
     assert window.pending == 0
     gather(window, micro_batch(weight, accumulate=True))
     window.discard()

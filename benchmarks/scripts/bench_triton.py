@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from gradbalance.kernels import torch_backend
+from gradbalance._kernels import torch_backend
 
 OPERATIONS = ("read", "triton gram", "torch gram", "triton combine", "torch combine")
 # Larger than any current GPU's L2 cache: writing it evicts the buffer under test.
@@ -27,7 +27,7 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 
 def operations(flat: torch.Tensor) -> dict[str, Callable[[], object]]:
-    from gradbalance.kernels import triton_backend
+    from gradbalance._kernels import triton_backend
 
     k, n = flat.shape
     coefficients = torch.full((k,), 1 / k, dtype=torch.float64, device=flat.device)

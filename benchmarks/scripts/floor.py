@@ -194,7 +194,7 @@ def balanced(mode: str, vectorize: bool | None = None) -> Callable[[Problem], St
     """The builder of ``MultiObjectiveOptimizer(mode=mode, vectorize=vectorize)``'s step.
 
     With ``vectorize=None`` exact mode chooses between the vmapped backward and k passes on its
-    first step (``gradbalance.strategy``; versions before issue 17 timed their first six); the
+    first step (``gradbalance._per_task``; versions before issue 17 timed their first six); the
     builder runs the steps until the choice is made, so that what is timed is the step of the
     choice.
     """

@@ -157,7 +157,7 @@ def kernel_errors(flat: Any) -> dict[str, float]:
     """Largest relative errors of each backend's Gram and combine, and of the π it gives."""
     import torch
 
-    from gradbalance.kernels import torch_backend, triton_backend
+    from gradbalance._kernels import torch_backend, triton_backend
     from gradbalance.weighting import min_norm_weights
 
     values = flat.double()
@@ -189,7 +189,7 @@ def kernel_times(flat: Any, repeats: int) -> dict[str, float]:
     import torch
     from timing import interleaved_medians
 
-    from gradbalance.kernels import torch_backend, triton_backend
+    from gradbalance._kernels import torch_backend, triton_backend
 
     coefficients = torch.full((len(flat),), 1 / len(flat), dtype=torch.float64, device=flat.device)
     out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gradbalance import MultiObjectiveOptimizer, kernels
+from gradbalance import MultiObjectiveOptimizer
+from gradbalance import _kernels as kernels
 
 Step = Callable[[], None]
 

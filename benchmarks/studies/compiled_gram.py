@@ -3,7 +3,7 @@
     python benchmarks/studies/compiled_gram.py [--repeats 15]
 
 The candidate computes the same float32 products of pieces of 4096 elements summed in float64 as
-``gradbalance.kernels.torch_backend.gram``, written as elementwise products and sums that inductor
+``gradbalance._kernels.torch_backend.gram``, written as elementwise products and sums that inductor
 fuses into one loop over the buffer. Two tables, ratios of interleaved medians: the Gram matrix
 alone against one read of a float32 ``(2, n)`` buffer, and the exact-mode step on the 1.6 M
 parameter MLP with each Gram against plain AdamW.
@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from gradbalance import kernels
-from gradbalance.kernels import torch_backend
+from gradbalance import _kernels as kernels
+from gradbalance._kernels import torch_backend
 
 # The timing helpers and workloads of the scripts, benchmarks/scripts/{timing,workloads}.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -32,6 +32,7 @@ from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
 from gradbalance.experiments.models import FeatureClassifier, Output
 from gradbalance.experiments.training import SGD_MOMENTUM, base_optimizer, predict
 from gradbalance.losses import Grouping, classification_losses
+from gradbalance.modes import Mode
 
 __all__ = [
     "CIFAR_METHODS",
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 ProjectorKind = Literal["subspace", "vkd"]
-Balance = Literal["exact", "amortized", "affine", "representation"]
+Balance = Mode
 Trainer = Literal["adamw", "dot"]
 
 
@@ -378,7 +379,7 @@ class Balanced:
 
     def __call__(self, losses: list[torch.Tensor], output: Output) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad()
-        shared = self.optimizer.mode == "representation"
+        shared = self.optimizer.balancer.wants_representation
         representation = shared_representation(output) if shared else None
         self.optimizer.backward(losses, representation=representation)
         self.optimizer.step()
@@ -421,7 +422,6 @@ def _update(
     if method.balance is None:
         weights = [method.distill_weight, method.task_weight]
         return FixedSum(_base(params, settings), weights, log=method.log_losses)
-    stats_every = settings.stats_every if method.balance == "amortized" else 0
     sgd = settings.optimizer == "sgd"
     optimizer = MultiObjectiveOptimizer(
         params,
@@ -431,7 +431,7 @@ def _update(
         # fall, so it is divided by Σ π_j / L_j (a convex combination of the ∇L_j) unless the
         # run says otherwise; AdamW ignores the scale.
         normalize=True if sgd and settings.normalize is None else settings.normalize,
-        stats_every=stats_every,
+        stats_every=settings.stats_every,  # read by the modes that need it (amortized)
         vectorize=True,  # fixed, not timed: reruns reproduce results.json bit for bit
         weighting=None if method.weighting is None else torchjd_weighting(method.weighting),
         lr=settings.lr,

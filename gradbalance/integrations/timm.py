@@ -31,7 +31,7 @@ from timm.task.distillation import FeatureDistillationTrainableModule
 from timm.utils import dispatch_clip_grad
 from torch import Tensor, nn
 
-from ..balancer import Balancer
+from .. import Balancer
 from ..projectors import IndefiniteSubspaceProjector, VkDProjector
 
 __all__ = [

@@ -1,62 +1,37 @@
-"""The modes of the balancing, one file each behind :class:`~gradbalance.modes.base.BalancingMode`,
-and :func:`make_mode`, the one place where a mode's name becomes a mode object.
+"""The modes of the balancing, chosen by name: ``Balancer(mode=...)`` or
+``MultiObjectiveOptimizer(mode=...)``. Each chooses the weights π of the log-loss gradients
+``g_i = ∇L_i / (L_i − m_i)`` in its own way and writes ``d = Σ_i π_i g_i`` into ``.grad``
+(docs/method.md has the maths):
 
-* ``"exact"`` and ``"affine"``: :class:`~gradbalance.modes.exact.ExactMode`;
-* ``"representation"``: :class:`~gradbalance.modes.representation.RepresentationMode`;
-* ``"amortized"``: :class:`~gradbalance.modes.amortized.AmortizedMode`.
+* ``"exact"`` (the default; MoKD eq. 9, MGDA): per-task gradients of the parameters, from one
+  vmapped backward or k passes; their Gram matrix ``G`` accumulated in float64;
+  ``π = argmin_{π ∈ Δ} ‖Σ π_i g_i‖²`` on the simplex, solved exactly
+  (:func:`gradbalance.weighting.min_norm_weights`), or by any ``weighting=``. ``d`` never
+  conflicts with an objective: ``⟨d, g_i⟩ ≥ ‖d‖² ≥ 0``. Exact and affine modes take param groups
+  with ``"balance": False`` (:meth:`gradbalance.Balancer.backward`).
+* ``"representation"`` (Sener & Koltun 2018's MGDA upper bound): exact mode's π, from the Gram
+  matrix of the log-loss gradients with respect to a shared representation passed as
+  ``backward(..., representation=z)`` (the student's outputs or features both losses read), then
+  one ordinary backward of the π-weighted sum: about the cost of ``loss.backward()``. ``d`` does
+  not conflict with any objective *at z*; at the parameters it is a bound, not a guarantee.
+* ``"amortized"`` (FAMO, Liu et al. 2023): no per-task gradients; π = softmax(w), the logits w
+  stepped by a small Adam(W) (``pi_lr``, ``pi_weight_decay``, ``pi_optimizer``) from how much
+  each log-loss decreased since the last balanced backward, or by ``update_weights`` after the
+  optimizer's step with the losses re-measured on the same batch (FAMO's own scheme). One
+  ordinary backward; ``normalize=True`` by default. A window of micro-batches has one π, the one
+  it opened with. ``stats_every=N`` also computes the gradient statistics every N-th call.
+* ``"affine"``: the paper's Theorem 3.1, π without π ≥ 0
+  (:func:`gradbalance.weighting.affine_weights`), to reproduce the paper only: it stops training
+  when the objectives agree. No ``weighting=``, no ``normalize=True``.
+
+Exact and representation modes compute the statistics on every call; ``weighting=`` is theirs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, get_args
 
-from ..weighting import affine_weights, min_norm_weights
-from .amortized import AmortizedMode
-from .base import BalancingMode, GramWeighting
-from .exact import ExactMode
-from .representation import RepresentationMode
-
-if TYPE_CHECKING:
-    from ..options import BalancingOptions
-
-__all__ = [
-    "MODES",
-    "AmortizedMode",
-    "BalancingMode",
-    "ExactMode",
-    "Mode",
-    "RepresentationMode",
-    "make_mode",
-]
+__all__ = ["MODES", "Mode"]
 
 Mode = Literal["exact", "amortized", "affine", "representation"]
-MODES = ("exact", "amortized", "affine", "representation")
-WEIGHTED_MODES = ("exact", "representation")  # the modes that take weighting=
-
-
-def make_mode(name: str, options: BalancingOptions) -> BalancingMode:
-    """The mode called ``name``, with the options that concern it.
-
-    Raises:
-        ValueError: an unknown mode, or options it cannot take (``weighting=`` outside exact and
-            representation modes, ``normalize=True`` in affine mode).
-    """
-    if name not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {name!r}")
-    if options.weighting is not None and name not in WEIGHTED_MODES:
-        raise ValueError(
-            f"weighting= is for the modes {' and '.join(WEIGHTED_MODES)}, which compute the "
-            f"Gram matrix every step; {name} mode has its own π"
-        )
-    normalize = name == "amortized" if options.normalize is None else options.normalize
-    if normalize and name == "affine":
-        raise ValueError("normalize=True needs non-negative weights; affine mode has none")
-    if name == "amortized":
-        return AmortizedMode(options.famo, normalize, options.stats_every)
-    if options.weighting is not None:
-        weighting = GramWeighting(options.weighting, custom=True)
-    else:
-        weighting = GramWeighting(affine_weights if name == "affine" else min_norm_weights, False)
-    if name == "representation":
-        return RepresentationMode(name, weighting, normalize)
-    return ExactMode(name, weighting, normalize)
+MODES: tuple[Mode, ...] = get_args(Mode)

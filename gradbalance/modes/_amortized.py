@@ -15,25 +15,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .. import distributed, engine
-from ..guard import DeviceGuard, Ok, SyncGuard, select
-from ..step import Bounds
+from .. import _distributed as distributed
+from .. import _engine as engine
+from .._bounds import Bounds
+from .._guard import DeviceGuard, Ok, SyncGuard, select
 from ..weighting import loss_coefficients
-from .base import BalancingMode, Call, Outcome, floats, log_loss_gram, weighted_backward
+from ._base import (
+    BalancingMode,
+    Call,
+    Outcome,
+    floats,
+    log_loss_gram,
+    refuse_weighting,
+    weighted_backward,
+)
 
-__all__ = [
-    "FAMO_EPSILON",
-    "AmortizedMode",
-    "FamoHyperparameters",
-    "FamoState",
-    "famo_update",
-    "log_loss_decrease",
-    "logit_gradient",
-]
+if TYPE_CHECKING:
+    from .._options import BalancingOptions
 
 # Added to L − m before every logarithm, as in FAMO, so a loss that reaches its bound stays finite.
 FAMO_EPSILON = 1e-8
@@ -71,12 +73,15 @@ class FamoHyperparameters:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "adam"):
-            raise ValueError(f"pi_optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
-        if not self.lr >= 0 or not self.weight_decay >= 0:
-            raise ValueError(
-                f"pi_lr and pi_weight_decay must be ≥ 0, got {self.lr} and {self.weight_decay}"
-            )
+        check_pi_optimizer(self.lr, self.weight_decay, self.optimizer)
+
+
+def check_pi_optimizer(lr: float, weight_decay: float, optimizer: str) -> None:
+    """Raises a ValueError for settings of the π optimizer it cannot run."""
+    if optimizer not in ("adamw", "adam"):
+        raise ValueError(f"pi_optimizer must be 'adamw' or 'adam', got {optimizer!r}")
+    if not lr >= 0 or not weight_decay >= 0:
+        raise ValueError(f"pi_lr and pi_weight_decay must be ≥ 0, got {lr} and {weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -191,11 +196,13 @@ class AmortizedMode(BalancingMode):
     balanced backward, whose decrease the next update measures.
 
     Args:
-        hyper: the π optimizer. normalize: see :class:`~gradbalance.modes.base.BalancingMode`.
+        hyper: the π optimizer. normalize: see :class:`~gradbalance.modes._base.BalancingMode`.
         stats_every: also compute the per-task gradient statistics every ``stats_every``-th
             backward (0: never). Observational: they cannot change the trajectory; under
             torch.distributed they are each rank's own.
     """
+
+    names = ("amortized",)
 
     def __init__(self, hyper: FamoHyperparameters, normalize: bool, stats_every: int) -> None:
         super().__init__("amortized", normalize)
@@ -204,24 +211,33 @@ class AmortizedMode(BalancingMode):
         self.famo: FamoState | None = None
         self.previous_losses: torch.Tensor | None = None
 
+    @classmethod
+    def from_options(cls, name: str, options: BalancingOptions) -> AmortizedMode:
+        """Has its own π (no ``weighting=``); normalises by default (FAMO's scaling); the only
+        mode that reads ``stats_every`` and the π optimizer's settings."""
+        refuse_weighting(name, options)
+        hyper = FamoHyperparameters(options.pi_lr, options.pi_weight_decay, options.pi_optimizer)
+        normalize = True if options.normalize is None else options.normalize
+        return cls(hyper, normalize, options.stats_every)
+
     def backward(self, call: Call) -> Outcome | None:
-        step, window = call.step, call.window
-        famo = self._current(len(step.losses), step.tensors[0])
-        single = window.pending == 0 and not step.accumulate
+        inputs, window = call.inputs, call.window
+        famo = self._current(len(inputs.losses), inputs.tensors[0])
+        single = window.pending == 0 and not inputs.accumulate
         if single:
-            famo = self._advanced(famo, step.values, step.min_losses)
+            famo = self._advanced(famo, inputs.values, inputs.min_losses)
         opening = window.held is None
         weights = famo.weights.to(torch.float64) if opening else window.held.weights
-        held = window.opened(step, weights=weights)
+        held = window.including(inputs, weights=weights)
         coefficients = loss_coefficients(
-            weights, step.shifted + FAMO_EPSILON, normalize=self.normalize
+            weights, inputs.shifted + FAMO_EPSILON, normalize=self.normalize
         )
         gram = self._statistics(call)
         ok = weighted_backward(call, held, coefficients)
         if ok is None:
             return None
         if not single:
-            famo = self._advanced(famo, held.mean, step.min_losses)
+            famo = self._advanced(famo, held.mean, inputs.min_losses)
         self._commit(famo, held.mean, ok)
         return Outcome(weights, gram, ok)
 
@@ -231,7 +247,7 @@ class AmortizedMode(BalancingMode):
         items: Sequence[torch.Tensor],
         bounds: Bounds,
         guard: SyncGuard | DeviceGuard,
-    ) -> None:
+    ) -> Ok:
         """Steps the logits by the decrease from the losses of the last balanced backward to
         ``items``, the same batch's losses re-measured after the optimizer's step."""
         if self.previous_losses is None:
@@ -243,26 +259,19 @@ class AmortizedMode(BalancingMode):
             values.to(min_losses.device)
         )
         ok = guard.check(values, min_losses, values.isfinite().all(), names)
-        guard.conclude(ok)
         self._commit(self._advanced(famo, values, min_losses), None, ok)
+        return ok
 
     def _statistics(self, call: Call) -> torch.Tensor | None:
         """The Gram matrix of the log-loss gradients on every ``stats_every``-th call, else None."""
         if not self.stats_every or call.calls % self.stats_every:
             return None
-        step = call.step
-        balanced = step.balanced_only()
-        rho = step.rho.to(step.losses.dtype)
-        blocks = call.strategy.blocks(
-            step.losses,
-            rho,
-            balanced.tensors,
-            retain_graph=True,
-            vectorized=call.strategy.plan(step),
-            by_backward=step.by_backward,
-        )
+        inputs = call.inputs
+        balanced = inputs.balanced_only()
+        rho = inputs.rho.to(inputs.losses.dtype)
+        blocks = call.per_task.blocks(inputs, balanced.tensors, rho, retain_graph=True)
         engine.require_dense(blocks, balanced.describe)
-        return log_loss_gram(engine.gram_matrix(blocks), rho, step.shifted)
+        return log_loss_gram(engine.gram_matrix(blocks), rho, inputs.shifted)
 
     def _current(self, num_losses: int, like: torch.Tensor) -> FamoState:
         """The state on ``like``'s device (a fresh one before the first balanced backward)."""

@@ -4,19 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .guard import Guard
-from .modes.amortized import FamoHyperparameters, PiOptimizer
-from .step import Bounds
-
-__all__ = ["OPTION_NAMES", "BalancingOptions", "Weighting"]
-
-# A weighting: the (k, k) float64 Gram matrix of the log-loss gradients ↦ π, (k,).
-Weighting = Callable[[torch.Tensor], torch.Tensor]
+from ._bounds import count_bounds
+from ._guard import Guard, check_guard
+from .modes._amortized import PiOptimizer, check_pi_optimizer
+from .weighting import Weighting
 
 
 @dataclass(frozen=True)
@@ -36,17 +32,19 @@ class BalancingOptions:
             (``"adamw"``, lr 0.025, weight decay 0.01: the paper; ``"adam"``: FAMO's code).
         stats_every: in amortized mode, also compute the per-task gradient statistics every
             ``stats_every``-th backward (costs the per-task backward on those calls; 0 = never).
-            Exact and affine modes compute them on every call anyway.
+            The other modes compute them on every call anyway.
         vectorize: how the per-task gradients are computed: ``True``, one vmapped backward
             (``torch.autograd.grad(..., is_grads_batched=True)``); ``False``, k ordinary backward
             passes, each copied into its row of the ``(k, n)`` buffer as it comes; ``None``
             (default), chosen on the first balanced backward from the operators of the graph,
-            never from timings, so that two runs give the same bits (:mod:`gradbalance.strategy`,
-            docs/method.md); k passes for good, with a warning, where vmap cannot batch an
-            operator. :attr:`~gradbalance.Balancer.vectorize` tells the choice made; it is part of
-            the state dict.
-        guard: ``"sync"`` (default) raises on a refused step at once; ``"device"`` keeps the
-            verdict on the device (:mod:`gradbalance.guard`).
+            never from timings, so that two runs give the same bits (docs/method.md); k passes
+            for good, with a warning, where vmap cannot batch an operator.
+            :attr:`~gradbalance.Balancer.vectorize` tells the choice made; it is part of the
+            state dict.
+        guard: ``"sync"`` (default) raises on a refused step at once, at the cost of one host
+            synchronisation per backward; ``"device"`` keeps the verdict on the device, skips a
+            refused step there and raises later (:meth:`~gradbalance.Balancer.raise_deferred`;
+            docs/method.md).
         weighting: exact and representation modes: another rule for π, any callable from the
             ``(k, k)`` float64 Gram matrix ``G_ij = ⟨g_i, g_j⟩`` of the log-loss gradients (on
             the parameters' device) to π, a floating ``(k,)`` tensor — for instance a
@@ -73,15 +71,9 @@ class BalancingOptions:
             raise TypeError(f"weighting must be callable, got {type(self.weighting).__name__}")
         if self.stats_every < 0:
             raise ValueError(f"stats_every must be ≥ 0, got {self.stats_every}")
-        if self.guard not in ("sync", "device"):
-            raise ValueError(f"guard must be 'sync' or 'device', got {self.guard!r}")
-        self.famo  # noqa: B018  (checks the π optimizer's settings)
-        Bounds.checked(self.min_losses)
-
-    @property
-    def famo(self) -> FamoHyperparameters:
-        """Amortized mode's π optimizer."""
-        return FamoHyperparameters(self.pi_lr, self.pi_weight_decay, self.pi_optimizer)
+        check_guard(self.guard)
+        check_pi_optimizer(self.pi_lr, self.pi_weight_decay, self.pi_optimizer)
+        count_bounds(self.min_losses)
 
 
 OPTION_NAMES = tuple(field.name for field in dataclasses.fields(BalancingOptions))

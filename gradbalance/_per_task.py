@@ -19,17 +19,17 @@ other error is the user's and reaches the caller.
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from . import engine
-from .step import Step
-
-__all__ = ["PerTaskBackward", "is_vmap_failure", "suits_vmap"]
+from . import _engine as engine
+from ._inputs import BackwardInputs
 
 # Nodes whose vmapped backward is slower than k passes, or k-fold in memory (the measured table
 # of docs/performance.md): convolutions, and attention (no batching rule on the CPU).
@@ -39,6 +39,8 @@ _POORLY_BATCHED = re.compile(r"Convolution|ScaledDotProduct|Attention")
 _VMAP_FAILURE = re.compile(
     r"batching rule|vmap|functorch|batched tensor|doesn't have storage", re.IGNORECASE
 )
+# This package's directory: a warning points at the first frame outside it.
+_PACKAGE = os.path.dirname(__file__) + os.sep
 
 
 def suits_vmap(kinds: frozenset[str]) -> bool:
@@ -52,8 +54,9 @@ def is_vmap_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and bool(_VMAP_FAILURE.search(str(error)))
 
 
-class PerTaskBackward:
-    """The choice between the vmapped backward and k passes, made once per run.
+class PerTaskGradients:
+    """The per-task gradients ``ρ_i ∇L_i``, and the one place that decides how they are computed:
+    one vmapped backward or k passes (:meth:`vectorized`), the choice made once per run.
 
     Args:
         vectorize: ``True`` or ``False`` fixes the choice; ``None`` makes it on the first
@@ -65,39 +68,45 @@ class PerTaskBackward:
         self.choice: bool | None = vectorize
         self._vmap_ran = False  # a vmapped backward has succeeded in this run
 
-    def plan(self, step: Step) -> bool:
-        """Whether this step's per-task gradients come from one vmapped backward (pure)."""
-        if step.by_backward or torch.is_anomaly_enabled():
+    def vectorized(self, inputs: BackwardInputs, *, at_representation: bool = False) -> bool:
+        """Whether the per-task gradients of this call come from one vmapped backward (pure): of
+        the parameters, or (``at_representation``) of the representation's activations."""
+        if self.choice is False or torch.is_anomaly_enabled():
             return False
-        return suits_vmap(step.kinds) if self.choice is None else self.choice
+        if at_representation:  # the graph's node kinds are the whole model's, not the head's
+            return True
+        if inputs.by_backward:
+            return False
+        return suits_vmap(inputs.kinds) if self.choice is None else True
 
-    def settle(self, step: Step) -> None:
-        """Keeps the choice of a step that went through (``vectorize=None``, first step)."""
-        if self.choice is None and not step.by_backward and not torch.is_anomaly_enabled():
-            self.choice = suits_vmap(step.kinds)
+    def settle(self, inputs: BackwardInputs) -> None:
+        """Keeps the choice of a call that went through (``vectorize=None``, first call)."""
+        if self.choice is None and not inputs.by_backward and not torch.is_anomaly_enabled():
+            self.choice = suits_vmap(inputs.kinds)
 
     def blocks(
         self,
-        losses: torch.Tensor,
-        rho: torch.Tensor,
+        inputs: BackwardInputs,
         tensors: Sequence[torch.Tensor],
+        rho: torch.Tensor,
         *,
         retain_graph: bool,
-        vectorized: bool,
-        by_backward: bool = False,
+        at_representation: bool = False,
     ) -> engine.Blocks:
-        """Per-task gradients ``ρ_i ∇L_i`` of ``losses`` for ``tensors``
-        (:func:`gradbalance.engine.task_gradients`), vmapped or by k passes; a vmapped backward
-        that vmap cannot run falls back to the k passes (``vectorize=None``, before any vmapped
-        backward succeeded in this run: the first try then keeps the graph for them)."""
-        if not vectorized or self.choice is False:
+        """Per-task gradients ``ρ_i ∇L_i`` of the losses for ``tensors``
+        (:func:`gradbalance._engine.task_gradients`), vmapped or by k passes as
+        :meth:`vectorized` says; a vmapped backward that vmap cannot run falls back to the k
+        passes (``vectorize=None``, before any vmapped backward succeeded in this run: the first
+        try then keeps the graph for them)."""
+        losses = inputs.losses
+        if not self.vectorized(inputs, at_representation=at_representation):
             return engine.task_gradients(
                 losses,
                 rho,
                 tensors,
                 vectorize=False,
                 retain_graph=retain_graph,
-                by_backward=by_backward,
+                by_backward=inputs.by_backward and not at_representation,
             )
         may_fall_back = not self.fixed and not self._vmap_ran
         try:
@@ -110,7 +119,7 @@ class PerTaskBackward:
             warnings.warn(
                 f"the vectorised per-task backward failed ({error}); using "
                 f"{len(losses)} sequential backward passes from now on",
-                stacklevel=6,
+                stacklevel=_first_frame_outside_the_package(),
             )
             self.choice = False
             return engine.task_gradients(
@@ -120,14 +129,20 @@ class PerTaskBackward:
         return blocks
 
     def state_dict(self) -> dict[str, Any]:
-        """The choice (None: not made yet). ``"probes"`` and ``"best"`` keep the layout of the
-        states of earlier versions, which timed the first steps; they are always 0 and
-        ``[inf, inf]`` now."""
+        """The choice (None: not made yet). ``"probes"`` and ``"best"`` are constant fields of the
+        state's layout (version 2), which every saved state holds."""
         return {"choice": self.choice, "probes": 0, "best": [math.inf, math.inf]}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Loads a :meth:`state_dict` (``None``: a state saved before the choice existed; a state
-        saved while an earlier version was timing its first steps: not made yet). A fixed
-        ``vectorize`` stays as it is."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict`; a fixed ``vectorize`` stays as it is."""
         if not self.fixed:
-            self.choice = None if state is None else state["choice"]
+            self.choice = state["choice"]
+
+
+def _first_frame_outside_the_package() -> int:
+    """The ``stacklevel`` at which a warning issued by the caller points at the first frame
+    outside gradbalance (the user's line), whatever the depth of the calls in between."""
+    level, frame = 1, sys._getframe(1)  # level 1: the caller, which issues the warning
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    return level

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
-from .distributed import Layout, as_grad_of, local
+from . import _kernels as kernels
+from ._distributed import Layout, as_grad_of, local
 
 __all__ = ["Blocks", "FlatGradients", "Role", "as_real", "contract_strides", "sum_on_one_device"]
 

@@ -1,10 +1,10 @@
 """What every mode is, and the pieces modes share.
 
-A mode turns one checked step (:class:`~gradbalance.step.Step`) into ``.grad`` and tells the
-:class:`~gradbalance.Balancer` what π it used: :meth:`BalancingMode.backward` returns an
-:class:`Outcome`, or None while micro-batches are held. The balancer then keeps what the outcome
-says (π, the Gram matrix) where its verdict holds; the mode keeps its own state itself (amortized
-mode's logits), under the same verdict.
+A mode turns the checked inputs of one backward (:class:`~gradbalance._inputs.BackwardInputs`) into
+``.grad`` and tells the :class:`~gradbalance.Balancer` what π it used:
+:meth:`BalancingMode.backward` returns an :class:`Outcome`, or None while micro-batches are held.
+The balancer then keeps what the outcome says (π, the Gram matrix) where its verdict holds; the mode
+keeps its own state itself (amortized mode's logits), under the same verdict.
 
 Shared here: :func:`weighted_backward` (amortized and representation modes: one ordinary backward
 of ``Σ_i c_i L_i``), :func:`log_loss_gram` (the Gram matrix of the log-loss gradients from the
@@ -17,39 +17,31 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .. import engine
-from ..buffers import Role
-from ..distributed import local
-from ..guard import DeviceGuard, Ok, SyncGuard, both, losses_valid, poisoned
-from ..step import Bounds, Step
-from ..strategy import PerTaskBackward
-from ..window import Held, Window, checked_values
+from .. import _engine as engine
+from .._bounds import Bounds
+from .._buffers import Role
+from .._distributed import local
+from .._guard import DeviceGuard, Ok, SyncGuard, both, losses_valid, poisoned
+from .._inputs import BackwardInputs
+from .._per_task import PerTaskGradients
+from .._window import Held, Window, checked_values
 
-__all__ = [
-    "BalancingMode",
-    "Call",
-    "GramMode",
-    "GramWeighting",
-    "Outcome",
-    "floats",
-    "log_loss_gram",
-    "solvable",
-    "weighted_backward",
-]
+if TYPE_CHECKING:
+    from .._options import BalancingOptions
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Call:
     """One balanced backward, as a mode gets it."""
 
-    step: Step
+    inputs: BackwardInputs
     window: Window
     guard: SyncGuard | DeviceGuard
-    strategy: PerTaskBackward
+    per_task: PerTaskGradients
     retain_graph: bool
     calls: int  # balanced backward calls before this one
     representation: list[torch.Tensor] | None = None
@@ -66,28 +58,40 @@ class Outcome:
 
 
 class BalancingMode(abc.ABC):
-    """A way to choose π and write ``Σ π_i g_i`` into ``.grad``.
+    """A way to choose π and write ``Σ π_i g_i`` into ``.grad``; what it allows is its own
+    (:meth:`from_options`).
 
     Attributes:
-        name: the ``mode=`` that selects it.
+        names: the ``mode=`` names that select it.
         per_task: computes per-task gradients of the parameters, so that a ``"balance": False``
             group can stay out of its Gram matrix.
         wants_representation: ``backward(..., representation=)`` is required (else refused).
-        normalize: divide ``d`` by ``Σ_j π_j / D_j``
+        name: the ``mode=`` it was made for. normalize: divide ``d`` by ``Σ_j π_j / D_j``
             (:func:`gradbalance.weighting.loss_coefficients`).
     """
 
-    name: str
-    per_task = False
-    wants_representation = False
+    names: ClassVar[tuple[str, ...]]
+    per_task: ClassVar[bool] = False
+    wants_representation: ClassVar[bool] = False
 
     def __init__(self, name: str, normalize: bool) -> None:
         self.name = name
         self.normalize = normalize
 
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, name: str, options: BalancingOptions) -> BalancingMode:
+        """The mode called ``name`` (one of :attr:`names`) with the options that concern it: the
+        default of ``normalize``, and which options it takes.
+
+        Raises:
+            ValueError: an option this mode cannot take.
+        """
+
     @abc.abstractmethod
     def backward(self, call: Call) -> Outcome | None:
-        """Adds the balanced gradient into ``.grad`` (or holds the micro-batch)."""
+        """Adds the balanced gradient into ``.grad`` (or holds the micro-batch). The balancer
+        concludes the guard's verdict (:attr:`Outcome.ok`), once per balanced backward."""
 
     def update_weights(
         self,
@@ -95,8 +99,9 @@ class BalancingMode(abc.ABC):
         items: Sequence[torch.Tensor],
         bounds: Bounds,
         guard: SyncGuard | DeviceGuard,
-    ) -> None:
-        """FAMO's re-forward scheme (amortized mode only)."""
+    ) -> Ok:
+        """FAMO's re-forward scheme; returns the verdict on the losses. Only amortized mode
+        learns π from the losses: the others refuse it."""
         raise ValueError(f"update_weights is for mode='amortized', this one is {self.name!r}")
 
     def state_dict(self) -> dict[str, Any]:
@@ -136,6 +141,15 @@ def log_loss_gram(
     return row_gram.to(torch.float64) * (factors[:, None] * factors[None, :])
 
 
+def refuse_weighting(name: str, options: BalancingOptions) -> None:
+    """Raises a ValueError when ``weighting=`` is given to a mode that has its own π."""
+    if options.weighting is not None:
+        raise ValueError(
+            f"weighting= is for the modes exact and representation, which compute the Gram "
+            f"matrix every step; {name} mode has its own π"
+        )
+
+
 class GramWeighting:
     """π from the Gram matrix: the mode's rule, or a user's ``weighting=``, whose output is
     checked (a real ``(k,)`` tensor; finite, and with ``normalize`` non-negative with a positive
@@ -145,7 +159,18 @@ class GramWeighting:
         rule: ``G (k, k) ↦ π (k,)``. custom: it is the user's.
     """
 
-    def __init__(self, rule: Callable[[torch.Tensor], torch.Tensor], custom: bool) -> None:
+    @classmethod
+    def chosen(
+        cls, weighting: Callable[[torch.Tensor], torch.Tensor] | None, default: Callable
+    ) -> GramWeighting:
+        """The user's ``weighting`` when given, else the mode's ``default`` rule."""
+        if weighting is None:
+            return cls(default)
+        return cls(weighting, custom=True)
+
+    def __init__(
+        self, rule: Callable[[torch.Tensor], torch.Tensor], *, custom: bool = False
+    ) -> None:
         self.rule = rule
         self.custom = custom
         self.source = getattr(rule, "__qualname__", None) or type(rule).__name__
@@ -201,43 +226,42 @@ def weighted_backward(call: Call, held: Held, coefficients: torch.Tensor) -> Ok 
     """Adds the gradient of ``Σ_i c_i L_i`` (``c = coefficients``, ``(k,)``) into ``.grad`` by
     one backward, through the window ``held`` belongs to. Returns the verdict on the step, or
     None while micro-batches are held."""
-    step, window, guard = call.step, call.window, call.guard
-    if step.scale is not None:
-        coefficients = coefficients * step.scale
+    inputs, window, guard = call.inputs, call.window, call.guard
+    if inputs.scale is not None:
+        coefficients = coefficients * inputs.scale
     if isinstance(guard, DeviceGuard):  # refused losses: a non-finite .grad
-        values, bounds = checked_values(step, held)
+        values, bounds = checked_values(inputs, held)
         coefficients = poisoned(coefficients, losses_valid(values, bounds))
     grads = engine.weighted_gradient(
-        step.losses,
+        inputs.losses,
         coefficients,
-        step.tensors,
+        inputs.tensors,
         retain_graph=call.retain_graph,
-        by_backward=step.by_backward,
+        by_backward=inputs.by_backward,
     )
-    engine.require_dense(grads, step.describe)
-    step, grads = step.reached_only(grads)
-    if step.single and window.pending == 0:  # one batch, one process: straight into .grad
+    engine.require_dense(grads, inputs.describe)
+    inputs, grads = inputs.reached_only(grads)
+    if inputs.single and window.pending == 0:  # one batch, one process: straight into .grad
         ok = guard.check(
-            step.values,
-            step.min_losses,
+            inputs.values,
+            inputs.min_losses,
             engine.all_finite(grads),
-            step.names,
-            allow_nonfinite=step.scaled,
+            inputs.names,
+            allow_nonfinite=inputs.scaled,
         )
-        written = engine.accumulate_grads(step.tensors, grads)
+        written = engine.accumulate_grads(inputs.tensors, grads)
     else:
-        flat = window.buffers(step, 1)
+        flat = window.buffers(inputs, 1)
         blocks = [None if grad is None else local(grad)[None] for grad in grads]
-        verdict = window.gather(step, held, flat, blocks, guard)
+        verdict = window.gather(inputs, held, flat, blocks, guard)
         if verdict is None:
             return None
-        finite = step.layout.all_ranks(engine.all_finite(flat.task_buffers))
+        finite = inputs.layout.all_ranks(engine.all_finite(flat.task_buffers))
         ok = guard.check(
-            held.mean, step.min_losses, finite, step.names, allow_nonfinite=step.scaled
+            held.mean, inputs.min_losses, finite, inputs.names, allow_nonfinite=inputs.scaled
         )
         ok = both(ok, verdict)
-        one = torch.ones(1, dtype=torch.float64, device=step.values.device)
+        one = torch.ones(1, dtype=torch.float64, device=inputs.values.device)
         written = flat.write_grad(dict.fromkeys(Role, one))
     engine.run_post_accumulate_grad_hooks(written)
-    guard.conclude(ok)
     return ok

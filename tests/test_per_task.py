@@ -14,8 +14,8 @@ import torch
 from helpers import TeacherStudentProblem
 
 from gradbalance import MultiObjectiveOptimizer
-from gradbalance.step import walk
-from gradbalance.strategy import PerTaskBackward, is_vmap_failure, suits_vmap
+from gradbalance._graph import walk
+from gradbalance._per_task import PerTaskGradients, is_vmap_failure, suits_vmap
 
 
 def steps(problem, opt, count, model=None):
@@ -88,24 +88,13 @@ def test_a_resumed_run_keeps_its_choice_and_a_fixed_choice_survives_loading():
     assert fixed.balancer.vectorize is False
 
 
-@pytest.mark.parametrize("saved", [None, {"choice": None, "probes": 3, "best": [1.0, 2.0]}])
+@pytest.mark.parametrize("saved", [{"choice": None, "probes": 3, "best": [1.0, 2.0]}])
 def test_a_state_without_a_choice_loads_as_not_chosen_yet(saved):
-    # None: saved before the choice existed; a dict: saved while an earlier version was timing.
-    strategy = PerTaskBackward(None)
-    strategy.load_state_dict(saved)
-    assert strategy.choice is None
-    assert strategy.state_dict() == {"choice": None, "probes": 0, "best": [float("inf")] * 2}
-
-
-def test_a_state_of_version_1_loads():
-    problem = TeacherStudentProblem()
-    opt = MultiObjectiveOptimizer(problem.model.parameters(), lr=0.01, vectorize=None)
-    steps(problem, opt, 1)
-    state = opt.balancer.state_dict()
-    state["version"] = 1  # saved before the choice existed
-    del state["vectorize"]
-    opt.balancer.load_state_dict(state)
-    assert opt.balancer.vectorize is None
+    # A dict: saved while an earlier version was timing.
+    per_task = PerTaskGradients(None)
+    per_task.load_state_dict(saved)
+    assert per_task.choice is None
+    assert per_task.state_dict() == {"choice": None, "probes": 0, "best": [float("inf")] * 2}
 
 
 @pytest.mark.parametrize("batch_layout", ["contiguous", "channels_last"])

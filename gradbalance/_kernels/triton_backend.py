@@ -141,7 +141,7 @@ def _combine_kernel(
 def gram(flat: torch.Tensor) -> torch.Tensor:
     """``G = J Jᵀ`` of the rows of ``flat`` ``(k, n)``: ``(k, k)`` float64, ``1 ≤ k ≤ 16``.
 
-    Same meaning as :func:`gradbalance.kernels.torch_backend.gram`, computed more precisely:
+    Same meaning as :func:`gradbalance._kernels.torch_backend.gram`, computed more precisely:
     float32 products (float16 and bfloat16 are upcast; float64 stays float64) of runs of 16
     columns, Kahan-summed over chunks of 4096 columns, the chunks summed in float64 in a fixed
     order, so the result is deterministic. ``G`` is exactly symmetric. Any row stride is read in

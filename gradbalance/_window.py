@@ -4,7 +4,7 @@ A window opens with the first ``backward(..., accumulate=True)`` and closes with
 ``backward(...)`` without it, which balances the mean of the micro-batches' gradients and losses;
 it holds nothing before and after. Its whole lifetime is here:
 
-* :meth:`Window.opened` — the window with one more micro-batch (pure), whose first fixes the row
+* :meth:`Window.including` — the window with one more micro-batch (pure), whose first fixes the row
   scale ρ and, in amortized mode, π;
 * :meth:`Window.gather` — checks a micro-batch and adds it to the buffers, or closes the window;
 * :meth:`Window.discard` — drops the micro-batches held: ``zero_grad()`` of
@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import engine
-from .buffers import Blocks, FlatGradients
-from .guard import DeviceGuard, Ok, SyncGuard, both
-from .step import Step
+from . import _engine as engine
+from ._buffers import Blocks, FlatGradients
+from ._guard import DeviceGuard, Ok, SyncGuard, both
+from ._inputs import BackwardInputs
 
 __all__ = ["Held", "Window", "checked_values"]
 
@@ -76,9 +76,9 @@ class Window:
         """The ``(k, n)`` buffers of the per-task gradients allocated now."""
         return [] if self._flat is None else self._flat.task_buffers
 
-    def opened(
+    def including(
         self,
-        step: Step,
+        inputs: BackwardInputs,
         *,
         rho: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
@@ -86,27 +86,27 @@ class Window:
         """The window with this micro-batch (pure); a first micro-batch fixes what the mode
         keeps for the whole window: ``rho`` (exact mode), ``weights`` (amortized mode)."""
         if self._held is not None:
-            return self._held.add(step.values)
-        return Held(step.values, 1, rho, weights)
+            return self._held.add(inputs.values)
+        return Held(inputs.values, 1, rho, weights)
 
-    def buffers(self, step: Step, num_tasks: int) -> FlatGradients:
+    def buffers(self, inputs: BackwardInputs, num_tasks: int) -> FlatGradients:
         """The flat buffers for these tensors, rebuilt only when the tensors change."""
         key = (
             num_tasks,
-            *((id(t), role) for t, role in zip(step.tensors, step.roles, strict=True)),
+            *((id(t), role) for t, role in zip(inputs.tensors, inputs.roles, strict=True)),
         )
         if key != self._key:
             if self._held is not None:
                 raise ValueError(
                     "the trainable parameters changed between accumulated micro-batches"
                 )
-            self._flat = FlatGradients(step.tensors, step.roles, num_tasks)
+            self._flat = FlatGradients(inputs.tensors, inputs.roles, num_tasks)
             self._key = key
         return self._flat
 
     def gather(
         self,
-        step: Step,
+        inputs: BackwardInputs,
         held: Held,
         flat: FlatGradients,
         blocks: Blocks | None,
@@ -122,20 +122,20 @@ class Window:
         the mean losses must be above their bounds (guard="sync": one host synchronisation, and a
         ValueError; guard="device": the window's verdict turns false).
         """
-        if step.accumulate or self._held is not None:
-            finite = step.layout.all_ranks(
+        if inputs.accumulate or self._held is not None:
+            finite = inputs.layout.all_ranks(
                 engine.all_finite(flat.task_buffers if blocks is None else blocks)
             )  # every rank: one branch
-            values, bounds = checked_values(step, held)
-            ok = guard.check(values, bounds, finite, step.names, allow_nonfinite=step.scaled)
+            values, bounds = checked_values(inputs, held)
+            ok = guard.check(values, bounds, finite, inputs.names, allow_nonfinite=inputs.scaled)
             held = replace(held, ok=both(held.ok, ok))
         if blocks is not None:
             flat.store(blocks, accumulate=self._held is not None)
-        if step.accumulate:
+        if inputs.accumulate:
             self._held = held
             return None
         self._held = None  # the micro-batches are consumed from here on
-        flat.mean_over(held.count, step.layout)
+        flat.mean_over(held.count, inputs.layout)
         return held.ok
 
     def discard(self) -> None:
@@ -177,9 +177,9 @@ class Window:
         return {"_held": None, "_flat": None, "_key": ()}
 
 
-def checked_values(step: Step, held: Held) -> tuple[torch.Tensor, torch.Tensor]:
+def checked_values(inputs: BackwardInputs, held: Held) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss values a micro-batch is checked on, and their bounds: a micro-batch that is not
     the last must be finite; the last, the window's mean above the bounds."""
-    if step.accumulate:
-        return step.values, torch.full_like(step.values, -torch.inf)
-    return held.mean, step.min_losses
+    if inputs.accumulate:
+        return inputs.values, torch.full_like(inputs.values, -torch.inf)
+    return held.mean, inputs.min_losses

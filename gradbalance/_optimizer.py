@@ -4,11 +4,11 @@
 It is a drop-in for the base optimizer by delegation: ``param_groups``, ``state`` and ``defaults``
 *are* the base's at all times (also after ``load_state_dict``, which replaces them), so learning-
 rate schedulers, ``add_param_group``, ``torch.distributed.checkpoint`` and torch's own
-``state_dict`` / ``load_state_dict`` with their hooks work on it as on the base::
+``state_dict`` / ``load_state_dict`` with their hooks work on it as on the base. One step::
 
-    losses ─▶ per-task gradients (engine) ─▶ flat buffers, averaged over ranks (engine, distributed)
-           ─▶ Gram (kernels) ─▶ π (weighting / amortized) ─▶ coefficients on ∇L_i (exact)
-           ─▶ combined gradient in .grad (engine, kernels) ─▶ base.step()
+    backward(losses) ─▶ Balancer: the inputs checked (_inputs) ─▶ the mode (modes/) writes .grad
+                     ─▶ the guard concludes the verdict (_guard) ─▶ π, G and the statistics kept
+    step()           ─▶ the guard takes the base's step, or skips a refused one on the device
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from .balancer import Balancer
-from .guard import Guard
+from ._balancer import Balancer
+from ._guard import Guard
+from ._inputs import LossesLike
+from ._options import OPTION_NAMES
 from .modes import Mode
-from .options import OPTION_NAMES
-from .step import LossesLike
 
 __all__ = ["MultiObjectiveOptimizer"]
 
@@ -40,10 +40,11 @@ _FUSED_BY_DEFAULT = (torch.optim.AdamW, torch.optim.Adam)
 class MultiObjectiveOptimizer(Optimizer):
     r"""Balances k losses every step and hands the balanced gradient to a base optimizer.
 
-    :meth:`backward` is :meth:`gradbalance.Balancer.backward` on this optimizer's param groups:
-    it chooses weights π on the simplex for the log-losses and adds the balanced direction into
-    ``.grad``, as ``loss.backward()`` adds a gradient; :meth:`step` runs the base optimizer. The
-    modes, the checks and how ``.grad`` is written are the :class:`~gradbalance.Balancer`'s.
+    :meth:`backward` is :meth:`gradbalance.Balancer.backward` on this optimizer's param groups: it
+    chooses weights π for the log-losses (by the mode, :mod:`gradbalance.modes`, or by
+    ``weighting=``) and adds the balanced direction into ``.grad``, as ``loss.backward()`` adds a
+    gradient; :meth:`step` runs the base optimizer. The modes, the checks and how ``.grad`` is
+    written are the :class:`~gradbalance.Balancer`'s.
 
     It behaves as the base optimizer does everywhere a training loop touches one:
     ``param_groups``, ``state`` and ``defaults`` are the base's (schedulers, ``add_param_group``,
@@ -53,9 +54,7 @@ class MultiObjectiveOptimizer(Optimizer):
     ``set_optimizer_state_dict`` keep it; its state-dict hooks run; ``copy.deepcopy`` and
     ``pickle`` keep the balancing; ``step(closure)`` works; a ``GradScaler`` steps it.
 
-    A param group with ``"balance": False`` (exact and affine modes) is left out of the Gram
-    matrix: π comes from the other groups (e.g. the shared backbone) and its parameters get the
-    plain sum of the objectives (π_i = 1).
+    Param groups with ``"balance": False``: see :meth:`gradbalance.Balancer.backward`.
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs or of param-group dicts, as
@@ -70,10 +69,9 @@ class MultiObjectiveOptimizer(Optimizer):
             raises later (:meth:`gradbalance.Balancer.raise_deferred`). Default (None):
             ``"device"`` where the parameters are on CUDA and the base takes ``found_inf``
             (torch's fused Adam, AdamW, SGD, Adagrad: the default base is fused), else ``"sync"``.
-        **kwargs: the Balancer's options (:class:`gradbalance.options.BalancingOptions`:
-            ``min_losses``, ``normalize``, ``pi_lr``, ``pi_weight_decay``, ``pi_optimizer``,
-            ``stats_every``, ``vectorize``, ``weighting``); the other keyword arguments are the
-            base's (``lr``, ``weight_decay``, ``betas``, ``fused``, …).
+        **kwargs: the Balancer's options (:class:`gradbalance.BalancingOptions`, less
+            ``guard``); the other keyword arguments are the base's (``lr``, ``weight_decay``,
+            ``betas``, ``fused``, …).
 
     Example::
 
@@ -219,30 +217,8 @@ class MultiObjectiveOptimizer(Optimizer):
         """
         if closure is None:
             self.balancer.window.refuse_step()
-        if self.balancer.guard == "sync":
-            return _base_step(self.base, closure)
-        loss = None
-        if closure is not None:  # its backward gives the verdict the step needs
-            with torch.enable_grad():
-                loss = closure()
-        self._step_unless_refused()
-        return loss
-
-    def _step_unless_refused(self) -> None:
-        """The base's step, skipped where the last balanced backward was refused (guard="device"):
-        on the device by a fused base's ``found_inf``, as ``GradScaler`` skips a step; else by
-        reading the verdict (one host synchronisation)."""
-        found_inf = self.balancer.found_inf
-        if found_inf is None:
-            _base_step(self.base)
-        elif getattr(self.base, "_step_supports_amp_scaling", False):
-            self.base.grad_scale, self.base.found_inf = None, found_inf
-            try:
-                _base_step(self.base)
-            finally:
-                del self.base.grad_scale, self.base.found_inf
-        elif not found_inf.item():
-            _base_step(self.base)
+        # Whether a refused step is skipped, and how, is the guard's (as GradScaler's, its step).
+        return self.balancer._guard.take_step(self.base, closure, _base_step)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``Optimizer.state_dict`` of the base's groups and state (hooks included), with

@@ -2,9 +2,8 @@
 weighted gradient by one, their Gram matrix, and ``.grad`` written the way torch's own backward
 writes it.
 
-A *Jacobian block* is the stack of the k per-task gradients of one tensor, shape
-``(k, *tensor.shape)``, or ``None`` when no loss reaches that tensor (:mod:`gradbalance.buffers`
-lays blocks out flat). Every backward pass that is not vmapped runs in :func:`backward_passes`.
+Per-task gradients come as Jacobian blocks (:mod:`gradbalance._buffers`, which lays them out
+flat). Every backward pass that is not vmapped runs in :func:`backward_passes`.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from . import kernels
-from .buffers import Blocks, as_real, contract_strides, sum_on_one_device
-from .distributed import is_sharded, local
+from . import _kernels as kernels
+from ._buffers import Blocks, as_real, contract_strides, sum_on_one_device
+from ._distributed import is_sharded, local
 
 __all__ = [
     "accumulate_grads",
@@ -52,7 +51,7 @@ def task_gradients(
         tensors: the tensors to differentiate with respect to (leaves of the graph).
         vectorize: one vmapped backward pass over the rows of ``diag(ρ)``
             (``is_grads_batched=True``) instead of k passes (:func:`backward_passes`). vmap cannot
-            run every operator; :mod:`gradbalance.strategy` decides what to do when it raises.
+            run every operator; :mod:`gradbalance._per_task` decides what to do when it raises.
         retain_graph: keep the graph after the call, as in :meth:`torch.Tensor.backward`.
         by_backward: the k passes are ordinary backward passes (:func:`backward_passes`).
 
@@ -170,7 +169,7 @@ def require_dense(gradients: Sequence[torch.Tensor | None], describe: Callable[[
 
 def gram_matrix(blocks: Blocks) -> torch.Tensor:
     """``G = J Jᵀ`` of the per-task gradients in ``blocks``, ``(k, k)`` float64
-    (:func:`gradbalance.kernels.gram` per block, summed in float64)."""
+    (:func:`gradbalance._kernels.gram` per block, summed in float64)."""
     present = [block for block in blocks if block is not None]
     if not present:
         raise ValueError("no loss reaches any parameter: every per-task gradient is empty")

@@ -1,9 +1,10 @@
 """The balancing of k losses as a stateful object, in the spirit of ``torch.amp.GradScaler``.
 
-:class:`Balancer` is the public face of a small pipeline: :func:`gradbalance.step.check_step`
+:class:`Balancer` is the public face of a small pipeline: :func:`gradbalance._inputs.check_inputs`
 checks what a call was given, the mode (:mod:`gradbalance.modes`) writes ``.grad``, and the
-balancer keeps what the mode computed (π, the Gram matrix) where its verdict holds. Micro-batches
-wait in a :class:`gradbalance.window.Window`. :class:`gradbalance.MultiObjectiveOptimizer` is a
+balancer concludes the guard's verdict once per balanced backward and keeps what the mode
+computed (π, the Gram matrix) where the verdict holds. Micro-batches wait in a
+:class:`gradbalance._window.Window`. :class:`gradbalance.MultiObjectiveOptimizer` is a
 base optimizer plus a Balancer; codebases that own their optimizer (Hugging Face Trainer,
 Lightning's automatic optimisation, DeepSpeed) use a Balancer directly::
 
@@ -21,29 +22,28 @@ from typing import Any
 
 import torch
 
-from .diagnostics import gradient_statistics
-from .guard import DeviceGuard, Guard, Ok, SyncGuard, select
-from .modes import Mode, make_mode
-from .modes.base import Call, Outcome, floats
-from .options import BalancingOptions
-from .step import (
-    Bounds,
+from ._bounds import Bounds, count_bounds
+from ._guard import Guard, Ok, make_guard, select
+from ._inputs import BackwardInputs, check_inputs
+from ._options import BalancingOptions
+from ._parsing import (
     Expected,
     LossesLike,
     ParamsLike,
-    Step,
     as_representation,
     as_values,
-    check_step,
     in_known_order,
 )
-from .strategy import PerTaskBackward
-from .window import Window
+from ._per_task import PerTaskGradients
+from ._window import Window
+from .diagnostics import gradient_statistics
+from .modes import Mode
+from .modes._base import Call, Outcome, floats
+from .modes._registry import make_mode
 
 __all__ = ["Balancer"]
 
-_STATE_VERSION = 2  # 2: adds "vectorize"
-_READABLE_VERSIONS = (1, 2)
+_STATE_VERSION = 2
 
 
 class Balancer:
@@ -52,10 +52,8 @@ class Balancer:
     Each :meth:`backward` chooses weights π for the log-losses ``log(L_i − m_i)``, whose
     gradients are ``g_i = ∇L_i / (L_i − m_i)``, and adds the direction ``d = Σ_i π_i g_i`` into
     ``.grad`` of the parameters, as ``loss.backward()`` adds the gradient of a loss; any optimizer
-    then steps on it. How π is chosen is the mode's (:mod:`gradbalance.modes`): ``"exact"``
-    (the min-norm π of the per-task gradients, the default), ``"amortized"`` (FAMO), ``"affine"``
-    (the paper's Theorem 3.1, to reproduce it) and ``"representation"`` (exact mode's π at a
-    shared representation). docs/method.md has the maths.
+    then steps on it. How π is chosen is the mode's (:mod:`gradbalance.modes`); docs/method.md
+    has the maths.
 
     ``.grad`` is written as ``Tensor.backward`` writes it: torch's layout contract, accumulated
     into an existing ``.grad``, post-accumulate-grad hooks run afterwards; leaves of the losses'
@@ -72,22 +70,18 @@ class Balancer:
     and under torch.distributed), none with ``guard="device"``.
 
     Args:
-        mode: ``"exact"``, ``"amortized"``, ``"affine"`` or ``"representation"``.
-        **options: the keyword arguments of :class:`gradbalance.options.BalancingOptions`
-            (``min_losses``, ``normalize``, ``pi_lr``, ``pi_weight_decay``, ``pi_optimizer``,
-            ``stats_every``, ``vectorize``, ``guard``, ``weighting``).
+        mode: one of :data:`gradbalance.modes.MODES` (default ``"exact"``).
+        **options: the options, :class:`gradbalance.BalancingOptions`.
     """
 
     def __init__(self, mode: Mode = "exact", **options: Any) -> None:
         self._options = BalancingOptions(**options)
         self._mode = make_mode(mode, self._options)
-        self._guard: SyncGuard | DeviceGuard = (
-            SyncGuard() if self._options.guard == "sync" else DeviceGuard()
-        )
+        self._guard = make_guard(self._options.guard)
         self._bounds = Bounds(self._options.min_losses)
-        self._per_task = PerTaskBackward(self._options.vectorize)
+        self._per_task = PerTaskGradients(self._options.vectorize)
         self._window = Window()
-        self.num_losses: int | None = Bounds.checked(self._options.min_losses)
+        self.num_losses: int | None = count_bounds(self._options.min_losses)
         self.loss_names: tuple[str, ...] | None = None
         self.backward_calls = 0
         self.weights: torch.Tensor | None = None
@@ -102,7 +96,7 @@ class Balancer:
 
     @property
     def options(self) -> BalancingOptions:
-        """The options it was made with (:class:`gradbalance.options.BalancingOptions`)."""
+        """The options it was made with (:class:`gradbalance.BalancingOptions`)."""
         return self._options
 
     @property
@@ -116,7 +110,7 @@ class Balancer:
     @property
     def vectorize(self) -> bool | None:
         """Whether the per-task gradients come from one vmapped backward (None: not chosen yet,
-        with ``vectorize=None``; :mod:`gradbalance.strategy`)."""
+        with ``vectorize=None``)."""
         return self._per_task.choice
 
     @property
@@ -127,6 +121,11 @@ class Balancer:
             return {}
         names = self.loss_names or tuple(str(i) for i in range(len(self.weights)))
         return dict(zip(names, self.weights.unbind(), strict=True))
+
+    @property
+    def wants_representation(self) -> bool:
+        """Whether :meth:`backward` needs ``representation=`` (representation mode)."""
+        return self._mode.wants_representation
 
     @property
     def guard(self) -> Guard:
@@ -155,7 +154,7 @@ class Balancer:
 
     @property
     def window(self) -> Window:
-        """The micro-batches held and their buffers (:class:`gradbalance.window.Window`)."""
+        """The micro-batches held and their buffers."""
         return self._window
 
     @property
@@ -210,7 +209,7 @@ class Balancer:
                 micro-batches' gradients and losses — the same as one batch made of all of them,
                 when each loss is a mean over equally sized micro-batches (do not divide the
                 losses by the number of micro-batches). In amortized mode one π weights the whole
-                window (:class:`~gradbalance.modes.amortized.AmortizedMode`). See
+                window (:mod:`gradbalance.modes`). See
                 :meth:`discard_micro_batches` for the window's lifetime.
             retain_graph: keep the autograd graph, as in :meth:`torch.Tensor.backward`.
             grad_scaler: a :class:`torch.amp.GradScaler`: the gradients are computed scaled by
@@ -231,7 +230,7 @@ class Balancer:
         mode = self._mode
         with torch.enable_grad():  # the graph exists: what runs here must see it, as a backward
             shared = as_representation(representation, mode.wants_representation, mode.name)
-            step = check_step(
+            inputs = check_inputs(
                 losses,
                 params,
                 expected=self._expected(),
@@ -242,18 +241,19 @@ class Balancer:
                 refuse_plain_for=None if mode.per_task else mode.name,
             )
             call = Call(
-                step,
-                self._window,
-                self._guard,
-                self._per_task,
-                retain_graph,
-                self.backward_calls,
-                shared,
+                inputs=inputs,
+                window=self._window,
+                guard=self._guard,
+                per_task=self._per_task,
+                retain_graph=retain_graph,
+                calls=self.backward_calls,
+                representation=shared,
             )
             outcome = mode.backward(call)
-        self._per_task.settle(step)
-        if outcome is not None:
-            self._commit(step, outcome)
+        self._per_task.settle(inputs)
+        if outcome is not None:  # a balanced backward: the guard's verdict on it, once
+            self._guard.conclude(outcome.ok)
+            self._commit(inputs, outcome)
 
     def update_weights(self, losses: LossesLike) -> None:
         """Amortized mode, FAMO's scheme: update π from the losses re-measured after the step.
@@ -264,7 +264,7 @@ class Balancer:
         not update them again.
         """
         names, items = in_known_order(*as_values(losses), self._expected())
-        self._mode.update_weights(names, items, self._bounds, self._guard)
+        self._guard.conclude(self._mode.update_weights(names, items, self._bounds, self._guard))
 
     def _expected(self) -> Expected:
         held = self._window.held
@@ -276,14 +276,14 @@ class Balancer:
             window=None if held is None else len(held.loss_sum),
         )
 
-    def _commit(self, step: Step, outcome: Outcome) -> None:
+    def _commit(self, inputs: BackwardInputs, outcome: Outcome) -> None:
         """Keeps what a backward computed, where the verdict holds (on the device: the last
         state is kept where it does not; the call is counted either way)."""
         ok: Ok = outcome.ok
         if ok is False:
             return
         self.num_losses = len(outcome.weights)
-        self.loss_names = step.names
+        self.loss_names = inputs.names
         self.backward_calls += 1
         self.weights = select(ok, outcome.weights, self.weights)
         gram = outcome.gram
@@ -328,33 +328,36 @@ class Balancer:
         self.backward_calls = int(state["backward_calls"])
         self.weights = _tensor(state["weights"])
         self._gram = _tensor(state["gram"])
-        self._per_task.load_state_dict(state.get("vectorize"))  # absent from version 1
+        self._per_task.load_state_dict(state["vectorize"])
         self.stats = {} if self.weights is None else _statistics(self.weights, self._gram)
         self._window.discard()
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Raises a ValueError when ``state`` was saved by a different mode or for another k."""
-        if not isinstance(state, dict) or state.get("version") not in _READABLE_VERSIONS:
-            raise ValueError(
-                "not a gradbalance balancing state (version "
-                f"{_STATE_VERSION}): {type(state).__name__}"
-            )
-        if state["mode"] != self.mode:
-            raise ValueError(
-                f"the state dict was saved in mode {state['mode']!r}, this balancer runs in "
-                f"mode {self.mode!r}"
-            )
-        saved_k = state["num_losses"]
-        if None not in (saved_k, self.num_losses) and saved_k != self.num_losses:
-            raise ValueError(
-                f"the state dict balances {saved_k} losses, this balancer {self.num_losses}"
-            )
+        _check_state(state, self.mode, self.num_losses)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(mode={self.mode!r}{self._mode.describe()}, "
             f"normalize={self.normalize}, num_losses={self.num_losses})"
         )
+
+
+def _check_state(state: dict[str, Any], mode: str, num_losses: int | None) -> None:
+    """Raises a ValueError unless ``state`` is a state dict of this layout, saved in ``mode``
+    for ``num_losses`` losses (or before k was known)."""
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        raise ValueError(
+            f"not a gradbalance balancing state (version {_STATE_VERSION}): {type(state).__name__}"
+        )
+    if state["mode"] != mode:
+        raise ValueError(
+            f"the state dict was saved in mode {state['mode']!r}, this balancer runs in "
+            f"mode {mode!r}"
+        )
+    saved_k = state["num_losses"]
+    if None not in (saved_k, num_losses) and saved_k != num_losses:
+        raise ValueError(f"the state dict balances {saved_k} losses, this balancer {num_losses}")
 
 
 def _statistics(weights: torch.Tensor, gram: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -13,31 +13,23 @@ pipeline and rules out CUDA graphs. Two guards, one interface:
   later, by :meth:`DeviceGuard.raise_deferred`, at a point that synchronises anyway.
 
 A verdict is an :data:`Ok`: a Python bool (known on the host) or a 0-d bool tensor (on the device).
+:func:`make_guard` is the one place where a guard's name becomes a guard; each guard also decides
+how the optimizer's step is taken (:meth:`SyncGuard.take_step`, :meth:`DeviceGuard.take_step`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from .messages import describe_invalid_losses, describe_invalid_weights, describe_nonfinite
-
-__all__ = [
-    "DeviceGuard",
-    "Guard",
-    "Ok",
-    "SyncGuard",
-    "both",
-    "losses_valid",
-    "poisoned",
-    "select",
-    "weights_valid",
-]
+from ._messages import describe_invalid_losses, describe_invalid_weights, describe_nonfinite
 
 Guard = Literal["sync", "device"]
 Ok = bool | torch.Tensor
+# How the optimizer's own step runs, given its closure or None (the wrapper's base step).
+RunStep = Callable[[torch.optim.Optimizer, Callable[[], Any] | None], Any]
 
 
 def losses_valid(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -94,6 +86,13 @@ class SyncGuard:
 
     def conclude(self, ok: Ok) -> None:
         """Nothing to record: a refused step has raised."""
+
+    def take_step(
+        self, base: torch.optim.Optimizer, closure: Callable[[], Any] | None, run: RunStep
+    ) -> Any:
+        """``base``'s step as it would run alone, closure included: a refused backward has
+        raised already."""
+        return run(base, closure)
 
     def raise_deferred(self) -> None:
         """Nothing is ever deferred."""
@@ -165,6 +164,30 @@ class DeviceGuard:
             self._refused = count if self._refused is None else self._refused + count
             self._error = None
 
+    def take_step(
+        self, base: torch.optim.Optimizer, closure: Callable[[], Any] | None, run: RunStep
+    ) -> Any:
+        """``base``'s step, skipped where the last balanced backward was refused, as
+        ``GradScaler`` skips one: on the device by a fused base's ``found_inf``, else by reading
+        the verdict (one host synchronisation). The closure runs first: its backward gives the
+        verdict."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = self.found_inf
+        if found_inf is None:
+            run(base, None)
+        elif getattr(base, "_step_supports_amp_scaling", False):
+            base.grad_scale, base.found_inf = None, found_inf
+            try:
+                run(base, None)
+            finally:
+                del base.grad_scale, base.found_inf
+        elif not found_inf.item():
+            run(base, None)
+        return loss
+
     @property
     def refused_steps(self) -> torch.Tensor | None:
         """How many balanced steps were refused since the last :meth:`raise_deferred` (0-d int64
@@ -194,6 +217,21 @@ class DeviceGuard:
         return describe_invalid_losses(values, bounds, self._names) or describe_nonfinite(
             None, self._names
         )
+
+
+_GUARDS = {"sync": SyncGuard, "device": DeviceGuard}
+
+
+def check_guard(name: str) -> None:
+    """Raises a ValueError unless ``name`` is a guard's (``"sync"`` or ``"device"``)."""
+    if name not in _GUARDS:
+        raise ValueError(f"guard must be {' or '.join(map(repr, _GUARDS))}, got {name!r}")
+
+
+def make_guard(name: str) -> SyncGuard | DeviceGuard:
+    """The guard called ``name``, a fresh one (a DeviceGuard holds one balancer's verdicts)."""
+    check_guard(name)
+    return _GUARDS[name]()
 
 
 def both(first: Ok, second: Ok) -> Ok:

@@ -1,7 +1,7 @@
 """The fused operations of the gradient engine, and the one place that picks their backend.
 
 ``gram(flat)`` and ``combine(flat, coefficients, out, accumulate=...)`` have the same meaning on
-every backend (see :mod:`gradbalance.kernels.torch_backend`); CUDA tensors go to the Triton
+every backend (see :mod:`gradbalance._kernels.torch_backend`); CUDA tensors go to the Triton
 kernels when Triton is installed (imported on first use) and k ≤ 16, everything else to plain
 torch.
 """
