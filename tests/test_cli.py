@@ -9,12 +9,15 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 from test_data import write_cifar100, write_mnist_idx
 
 from gradbalance import cli
 from gradbalance.cli import main
+from gradbalance.experiments.cifar_models import make_cifar_model
 from gradbalance.experiments.config import DistillConfig
-from gradbalance.experiments.datasets import DATASETS
+from gradbalance.experiments.datasets import DATASETS, load_dataset
+from gradbalance.experiments.methods import CIFAR_METHODS
 
 TINY = ["--epochs", "2", "--teacher-epochs", "2", "--seeds", "2", "--no-progress"]
 TINY += ["--train-size", "192", "--test-size", "100", "--batch-size", "64"]
@@ -104,16 +107,45 @@ def test_rerun_loads_the_cached_teacher(tiny_run, capsys):
     assert "accuracy.png" in wrote and "weights.png" not in wrote  # no π without a mokd method
 
 
-def test_cifar100_folder_runs_end_to_end(tmp_path, capsys):
+def test_cifar100_preset_runs_every_row_for_one_epoch_with_a_teacher_checkpoint(tmp_path):
+    """The benchmark's short form, as CI runs it: every row of the preset, one epoch, one seed,
+    the teacher from a checkpoint in mdistiller's layout."""
+    write_cifar100(tmp_path / "data", train=32, test=16)
+    torch.manual_seed(5)
+    teacher = make_cifar_model("resnet32x4")
+    checkpoint = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": teacher.state_dict(), "epoch": 240, "best_acc": 79.42}, checkpoint)
+    out = tmp_path / "out"
+    argv = ["distill", "--dataset", "cifar100", "--preset", "cifar-r32x4-r8x4"]
+    argv += ["--data-dir", str(tmp_path / "data"), "--teacher-checkpoint", str(checkpoint)]
+    argv += ["--epochs", "1", "--seeds", "1", "--no-progress", "--jobs", "1", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == list(CIFAR_METHODS)
+    assert results["networks"] == {
+        "teacher": {"name": "resnet32x4", "parameters": 7_433_860},
+        "student": {"name": "resnet8x4", "parameters": 1_233_540},
+    }
+    assert results["config"]["optimizer"] == "sgd" and results["config"]["temperature"] == 4.0
+    assert results["paired"]["reference"] in ("kd", "kd-w1", "kd-w3")
+    assert "KD 73.33" in results["published"]
+    assert not list(out.glob("teacher-*.pt"))  # loaded, not trained
+    expected = teacher.eval()(load_dataset("cifar100", tmp_path / "data").x_test).logits
+    labels = load_dataset("cifar100", tmp_path / "data").y_test
+    assert results["teacher_errors"] == int((expected.argmax(1) != labels).sum())
+
+
+def test_cifar100_trains_and_caches_the_teacher_without_a_checkpoint(tmp_path, capsys):
     write_cifar100(tmp_path / "data", train=32, test=16)
     out = tmp_path / "out"
     argv = ["distill", "--dataset", "cifar100", "--data-dir", str(tmp_path / "data")]
+    argv += ["--teacher", "wrn_16_2", "--student", "wrn_16_2", "--methods", "kd", "mokd-exact"]
     argv += ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
-    argv += ["--methods", "student", "mokd-exact", "--out", str(out)]
+    argv += ["--out", str(out)]
     assert main(argv) == 0
+    assert (out / "teacher-cifar100-wrn_16_2.pt").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert results["dataset"] == "cifar100"
-    assert set(results["methods"]) == {"student", "mokd-exact"}
+    assert set(results["methods"]) == {"kd", "mokd-exact"} and results["teacher_cached"] is False
     assert "cifar100: teacher" in capsys.readouterr().out
 
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,44 +40,31 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_medians, peak_bytes
 
-from gradbalance import (
-    IndefiniteSubspaceProjector,
-    VkDProjector,
-    classification_losses,
-)
 from gradbalance.experiments.cifar_models import make_cifar_model
-from gradbalance.experiments.cifar_recipe import CifarRecipe, make_optimizer
-from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
+from gradbalance.experiments.cifar_recipe import CifarRecipe
+from gradbalance.experiments.methods import (
+    CIFAR_METHODS,
+    MethodSettings,
+    TeacherTargets,
+    build,
+    parse_method,
+)
 
 PAIRS = {
     "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4"),
     "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2"),
 }
 RECIPE = CifarRecipe()
-WEIGHTS = (RECIPE.kd_weight, RECIPE.ce_weight)  # (distillation, task), mdistiller's KD
-
-
-@dataclass(frozen=True)
-class Row:
-    """How a row updates the student: ``balance`` (a mode of MultiObjectiveOptimizer; None: the
-    fixed weighted sum), ``dot`` (DOT's trainer), a feature ``projector``, torchjd's IMTL-G."""
-
-    balance: str | None = None
-    dot: bool = False
-    projector: type[nn.Module] | None = None
-    imtl_g: bool = False
-
-
-ROWS = {
-    "kd": Row(),
-    "dot": Row(dot=True),
-    "mokd-exact": Row(balance="exact"),
-    "mokd-representation": Row(balance="representation"),
-    "mokd-amortized": Row(balance="amortized"),
-    "imtl-g": Row(balance="exact", imtl_g=True),
-    "vkd": Row(projector=VkDProjector),
-    "mokd-subspace": Row(balance="exact", projector=IndefiniteSubspaceProjector),
-}
+# The rows of gradbalance distill --dataset cifar100, built by the same code: KD first, the
+# reference of the ratios; the student alone and the grid's other weights cost what KD does.
+ROWS = ("kd", *(name for name in CIFAR_METHODS if name not in ("student", "kd", "kd-w1", "kd-w3")))
+SETTINGS = MethodSettings(
+    lr=RECIPE.lr,
+    weight_decay=RECIPE.weight_decay,
+    temperature=RECIPE.temperature,
+    features=False,
+    optimizer="sgd",
+)
 
 Step = Callable[[], None]
 
@@ -99,78 +85,29 @@ def row_builders(
     teacher: nn.Module, student_name: str, inputs: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, Callable[[], Step]]:
     """Per row, a function that builds a fresh student (and projector and optimizer) and returns
-    its training step on the fixed batch."""
+    its training step on the fixed batch, teacher forward included."""
     return {
-        name: lambda row=row: build_step(row, teacher, student_name, inputs, labels)
-        for name, row in ROWS.items()
+        name: lambda name=name: build_step(name, teacher, student_name, inputs, labels)
+        for name in ROWS
     }
 
 
 def build_step(
-    row: Row, teacher: nn.Module, student_name: str, inputs: torch.Tensor, labels: torch.Tensor
+    name: str, teacher: nn.Module, student_name: str, inputs: torch.Tensor, labels: torch.Tensor
 ) -> Step:
+    """One training step of row ``name``, as ``gradbalance distill`` takes it
+    (:func:`gradbalance.experiments.methods.build`)."""
     torch.manual_seed(1)
     student = make_cifar_model(student_name).to(inputs.device).train()
-    params = list(student.parameters())
-    projector = None
-    if row.projector is not None:
-        projector = row.projector(teacher.feature_dim, student.feature_dim).to(inputs.device)
-        params += projector.parameters()
-    update = _update(row, params)
+    targets = TeacherTargets(teacher, None)  # the teacher runs on every batch
+    objectives, update = build(parse_method(name), student, targets, SETTINGS)
+    index = torch.arange(len(labels), device=inputs.device)
 
     def step() -> None:
-        with torch.no_grad():
-            target = teacher(inputs)
         output = student(inputs)
-        features = {}
-        if projector is not None:
-            features = dict(
-                projector=projector,
-                student_features=output.features,
-                teacher_features=target.features,
-            )
-        losses = classification_losses(
-            output.logits, labels, target.logits, temperature=RECIPE.temperature, **features
-        ).objectives("paper")  # [distillation, task]
-        update(losses, output.features)
+        update(objectives(output, inputs, labels, index), output)
 
     return step
-
-
-def _update(row: Row, params: list[nn.Parameter]) -> Callable[[list[torch.Tensor], Any], None]:
-    if row.dot:
-        dot = DotUpdate(
-            DistillationOrientedTrainer(
-                params, lr=RECIPE.lr, momentum=RECIPE.momentum, weight_decay=RECIPE.weight_decay
-            ),
-            weights=WEIGHTS,
-        )
-        return lambda losses, features: dot(losses, None)
-    if row.balance is None:
-        sgd = make_optimizer(params, RECIPE)
-
-        def fixed(losses: list[torch.Tensor], features: torch.Tensor) -> None:
-            sgd.zero_grad()
-            sum(w * loss for w, loss in zip(WEIGHTS, losses, strict=True)).backward()
-            sgd.step()
-
-        return fixed
-    options = {"weighting": _imtl_g()} if row.imtl_g else {}
-    balanced = make_optimizer(params, RECIPE, balance=row.balance, **options)
-
-    def balance(losses: list[torch.Tensor], features: torch.Tensor) -> None:
-        balanced.zero_grad()
-        shared = features if row.balance == "representation" else None
-        balanced.backward(losses, representation=shared)
-        balanced.step()
-
-    return balance
-
-
-def _imtl_g() -> nn.Module:
-    from torchjd.aggregation import IMTLGWeighting  # the torchjd extra
-
-    return IMTLGWeighting()
 
 
 def measure(

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradbalance import IndefiniteSubspaceProjector, MultiObjectiveOptimizer, VkDProjector
+from gradbalance.experiments.cifar_recipe import CifarRecipe
 from gradbalance.experiments.dot import DistillationOrientedTrainer, DotUpdate
 from gradbalance.experiments.models import FeatureClassifier, Output
 from gradbalance.experiments.training import SGD_MOMENTUM, base_optimizer, predict
@@ -118,7 +119,7 @@ DOT_WEIGHTS = (0.9, 0.1)
 DOT_LR = 0.03
 # mdistiller's KD (configs/cifar100/kd.yaml): 0.9 · T²·KL + 0.1 · CE, weights that scale an SGD
 # step; "kd-w<W>" keeps their sum, W/(1+W) · L_kl + 1/(1+W) · L_ce (kd is W = 9).
-KD_WEIGHTS = (0.9, 0.1)
+KD_WEIGHTS = (CifarRecipe.kd_weight, CifarRecipe.ce_weight)
 # Hinton et al.'s fixed weighting: a lower weight on the hard targets, 0.9 · T²·KL + 0.1 · CE —
 # under Adam(W) only the ratio of the weights matters, so 9 · L_kl + L_ce.
 HINTON_WEIGHT = 9.0

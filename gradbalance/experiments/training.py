@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gradbalance.experiments.augment import Augmentation
+from gradbalance.experiments.cifar_recipe import CifarRecipe
 from gradbalance.experiments.data import Splits
 from gradbalance.experiments.models import FeatureClassifier, Output
 
@@ -76,7 +77,7 @@ class TrainConfig:
     gamma: float = 0.1
 
 
-SGD_MOMENTUM = 0.9  # mdistiller's SOLVER.MOMENTUM
+SGD_MOMENTUM = CifarRecipe.momentum  # mdistiller's SOLVER.MOMENTUM
 
 
 def base_optimizer(
