@@ -38,7 +38,7 @@ STATE_KEY = "gradbalance"
 # 2-core CPU: 0.21x the time of torch's default single-tensor loop; see docs/performance.md).
 _FUSED_BY_DEFAULT = (torch.optim.AdamW, torch.optim.Adam)
 # The keyword arguments that are this class's own; all the others are the base's.
-_OWN_ARGUMENTS = ("base", "mode", "guard", *OPTION_NAMES)
+_OWN_ARGUMENTS = ("base", "mode", *OPTION_NAMES)  # OPTION_NAMES has "guard"
 
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
@@ -285,6 +285,8 @@ class MultiObjectiveOptimizer(Optimizer):
     # -- torch.optim.Optimizer interface ---------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            return self.base.add_param_group(param_group)  # the base's own error
         param_group = _materialised([param_group])[0]
         # fused=True was this wrapper's choice, not the user's: a group the fused kernel cannot
         # step (complex, another device) gets the base's own default instead.

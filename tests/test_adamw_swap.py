@@ -188,6 +188,21 @@ def test_bad_arguments_raise_adamws_own_error(case):
     )
 
 
+def test_bad_param_groups_added_later_raise_adamws_own_error():
+    weight, other = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+    for group in [
+        [other],
+        {"lr": 0.1},
+        {"params": {other}},
+        {"params": [weight]},  # already in the first group
+        {"params": [("other", other)]},  # names, where the first group has none
+    ]:
+        same_error(
+            lambda group=group: torch.optim.AdamW([weight]).add_param_group(group),
+            lambda group=group: MultiObjectiveOptimizer([weight]).add_param_group(group),
+        )
+
+
 def test_a_single_tensor_is_refused_not_split_into_its_rows():
     with pytest.raises(TypeError, match="should be an iterable of Tensors or dicts"):
         MultiObjectiveOptimizer(torch.randn(3, 2))
@@ -483,3 +498,21 @@ def test_a_window_collected_while_holding_micro_batches_leaves_no_step_hook():
     del balancer
     gc.collect()
     assert dict(GLOBAL_PRE_HOOKS) == hooks
+
+
+# -- the fused optimizers' found_inf protocol (torch's fused_does_not_step_if_foundinf) ----------
+
+
+@pytest.mark.parametrize("guard", ["sync", "device"])
+def test_found_inf_set_on_the_optimizer_skips_the_step_as_for_a_fused_adamw(guard):
+    problem = TeacherStudentProblem()
+    opt = MultiObjectiveOptimizer(problem.model.parameters(), guard=guard, fused=True)
+    for found in (1.0, 0.0):
+        opt.zero_grad()
+        opt.backward(problem.losses())
+        before = [p.detach().clone() for p in problem.model.parameters()]
+        opt.grad_scale, opt.found_inf = None, torch.tensor(found)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, problem.model.parameters()))
+        assert unchanged is (found == 1.0)
