@@ -9,7 +9,7 @@ base optimizer plus a Balancer; codebases that own their optimizer (Hugging Face
 Lightning's automatic optimisation, DeepSpeed) use a Balancer directly::
 
     balancer = Balancer(mode="exact")
-    balancer.attach(optimizer)  # optional: optimizer.zero_grad() / step() know the micro-batches
+    balancer.attach(optimizer)  # optional: optimizer.zero_grad() always drops held micro-batches
     ...
     balancer.backward({"distill": loss_distill, "task": loss_task}, model.parameters())
     optimizer.step()
@@ -166,18 +166,24 @@ class Balancer:
         """Drops the micro-batches gathered with ``accumulate=True`` and not balanced yet.
 
         A window lives from its first ``backward(..., accumulate=True)`` to the next
-        ``backward(...)`` without it. A loop that abandons a window — a micro-batch raised and is
-        skipped, an epoch ends early — must drop it, as it drops ``.grad``: call this, or the
-        ``zero_grad()`` of :class:`~gradbalance.MultiObjectiveOptimizer` or of an optimizer
-        passed to :meth:`attach`. Else the next step averages the old micro-batches in.
+        ``backward(...)`` without it. A loop that abandons a window drops it, as it drops
+        ``.grad``: this, or the ``zero_grad()`` of :class:`~gradbalance.MultiObjectiveOptimizer`
+        or of an optimizer passed to :meth:`attach`. After a micro-batch raised in
+        :meth:`backward`, any ``zero_grad()`` of the parameters (``model.zero_grad()`` too) drops
+        it as well; an epoch that ends early, or a failure before :meth:`backward` (in the
+        forward), needs one of the above, else the next step averages the old micro-batches in.
+        While micro-batches are held the ``step()`` of any torch optimizer of the parameters
+        raises (docs/method.md, "The micro-batch window").
         """
         self._window.discard()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Ties this balancer's micro-batches to the ``optimizer`` that steps on its ``.grad``:
-        ``optimizer.zero_grad()`` drops them, and ``optimizer.step()`` raises a RuntimeError
-        while micro-batches are held (they were never balanced: the step would be a no-op and
-        they would leak into the next one). Not kept by pickling: attach again after loading."""
+        ``optimizer.zero_grad()`` drops them, also where no micro-batch raised (an epoch that
+        ends early), and ``optimizer.step()`` raises a RuntimeError while micro-batches are held
+        (they were never balanced: the step would be a no-op and they would leak into the next
+        one) — as the step of any torch optimizer of the parameters does, attached or not. Not
+        kept by pickling: attach again after loading."""
         self._window.attach(optimizer)
 
     # -- the balanced backward -------------------------------------------------------------------
@@ -227,6 +233,22 @@ class Balancer:
         ``loss.backward()`` does (the graph was built outside). Afterwards :attr:`weights` holds π
         (float64, ``(k,)``) and :attr:`stats` the gradient diagnostics.
         """
+        try:
+            self._window.resume()
+            self._backward(losses, params, accumulate, retain_graph, grad_scaler, representation)
+        except BaseException:
+            self._window.interrupted()
+            raise
+
+    def _backward(
+        self,
+        losses: LossesLike,
+        params: ParamsLike,
+        accumulate: bool,
+        retain_graph: bool,
+        grad_scaler: torch.amp.GradScaler | None,
+        representation: torch.Tensor | Sequence[torch.Tensor] | None,
+    ) -> None:
         mode = self._mode
         with torch.enable_grad():  # the graph exists: what runs here must see it, as a backward
             shared = as_representation(representation, mode.wants_representation, mode.name)

@@ -13,18 +13,21 @@ rate schedulers, ``add_param_group``, ``torch.distributed.checkpoint`` and torch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.optimizer import _default_to_fused_or_foreach
+from torch.optim.optimizer import ParamsT, _default_to_fused_or_foreach
 
 from ._balancer import Balancer
 from ._guard import Guard
 from ._inputs import LossesLike
 from ._options import OPTION_NAMES
 from .modes import Mode
+from .modes._amortized import PiOptimizer
+from .weighting import Weighting
 
 __all__ = ["MultiObjectiveOptimizer"]
 
@@ -35,6 +38,37 @@ STATE_KEY = "gradbalance"
 # Base optimizers that get torch's fused kernel by default (a 1.6 M parameter AdamW step on a
 # 2-core CPU: 0.21x the time of torch's default single-tensor loop; see docs/performance.md).
 _FUSED_BY_DEFAULT = (torch.optim.AdamW, torch.optim.Adam)
+# The keyword arguments that are this class's own; all the others are the base's.
+_OWN_ARGUMENTS = ("base", "mode", *OPTION_NAMES)  # OPTION_NAMES has "guard"
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def _forwarding_the_call(signature: _Init) -> _Init:
+    """``__init__`` with ``signature``'s parameters (for ``inspect.signature`` and static tools),
+    taking the call as it was made: this class's own keyword arguments go to
+    ``MultiObjectiveOptimizer._construct``, and all the others — positional ones in their places —
+    to the base, which binds and checks them itself. So AdamW raises its own errors with its own
+    defaults, and another base gets its own arguments, not AdamW's."""
+
+    @functools.wraps(signature)
+    def __init__(self: MultiObjectiveOptimizer, *args: Any, **kwargs: Any) -> None:
+        own = {name: kwargs.pop(name) for name in _OWN_ARGUMENTS if name in kwargs}
+        if args:
+            params, args = args[0], args[1:]
+        else:  # params by keyword, or missing: the base's own error then
+            params = kwargs.pop("params", _MISSING)
+        self._construct(params, args, kwargs, **own)
+
+    return __init__  # type: ignore[return-value]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
 
 
 class MultiObjectiveOptimizer(Optimizer):
@@ -58,24 +92,54 @@ class MultiObjectiveOptimizer(Optimizer):
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs or of param-group dicts, as
-            for any torch optimizer; or an already constructed optimizer to wrap (then
-            ``base_kwargs`` must be empty).
-        base: the optimizer class that takes the step (default :class:`torch.optim.AdamW`; AdamW
-            and Adam get ``fused=True`` where torch supports it, unless ``fused`` or ``foreach``
-            is given).
+            for any torch optimizer; or an already constructed optimizer to wrap (then nothing
+            else may be given for a base).
+        lr: AdamW's (default 1e-3), as all the arguments up to ``fused``: positional or by
+            keyword as for :class:`torch.optim.AdamW`, with its defaults; a bad value (or bad
+            ``params``) raises AdamW's own error.
+        betas: AdamW's (default ``(0.9, 0.999)``).
+        eps: AdamW's (default 1e-8).
+        weight_decay: AdamW's (default 1e-2).
+        amsgrad: AdamW's (default False).
+        maximize: AdamW's (default False).
+        foreach: AdamW's (default None).
+        capturable: AdamW's (default False).
+        differentiable: AdamW's (default False).
+        fused: AdamW's. Unless ``fused`` or ``foreach`` is given, the step takes torch's fused
+            kernel where it supports the parameters (the default base, and Adam).
+        base: the optimizer class that takes the step (default :class:`torch.optim.AdamW`).
+            With another base every argument after ``params`` that is not this class's own
+            (``base``, ``mode``, ``guard`` and the balancing options below) goes to that base
+            exactly as given — positional ones in their places, keyword ones by name — and its
+            own defaults apply: ``MultiObjectiveOptimizer(params, 0.1, 0.9, base=torch.optim.SGD)``
+            is ``SGD(params, 0.1, 0.9)`` (lr, momentum), not AdamW's betas. ``torch.optim.Adam``
+            also gets the fused kernel by default.
         mode: the Balancer's (:mod:`gradbalance.modes`).
         guard: what a refused step does (the Balancer's): ``"sync"`` raises at once, at the cost
             of one host synchronisation per backward; ``"device"`` skips it on the device and
             raises later (:meth:`gradbalance.Balancer.raise_deferred`). Default (None):
             ``"device"`` where the parameters are on CUDA and the base takes ``found_inf``
             (torch's fused Adam, AdamW, SGD, Adagrad: the default base is fused), else ``"sync"``.
-        **kwargs: the Balancer's options (:class:`gradbalance.BalancingOptions`, less
-            ``guard``); the other keyword arguments are the base's (``lr``, ``weight_decay``,
-            ``betas``, ``fused``, …).
+        min_losses: the Balancer's options, as are ``normalize``, ``pi_lr``,
+            ``pi_weight_decay``, ``pi_optimizer``, ``stats_every``, ``vectorize`` and
+            ``weighting`` (:class:`gradbalance.BalancingOptions`, with its defaults).
+        normalize: see ``min_losses``.
+        pi_lr: see ``min_losses``.
+        pi_weight_decay: see ``min_losses``.
+        pi_optimizer: see ``min_losses``.
+        stats_every: see ``min_losses``.
+        vectorize: see ``min_losses``.
+        weighting: see ``min_losses``.
+        **base_kwargs: further keyword arguments of another ``base`` (``momentum=0.9`` for SGD).
+
+    ``base``, ``mode``, ``guard`` and the balancing options are keyword-only, so that every
+    positional argument means what it means for AdamW. The signature is AdamW's followed by this
+    class's own, as ``inspect.signature`` shows it to IDEs, LightningCLI (jsonargparse) and
+    Hydra's ``instantiate``; the call itself is forwarded to the base as it was made.
 
     Example::
 
-        opt = MultiObjectiveOptimizer(model.parameters(), lr=1e-3, weight_decay=0.05)
+        opt = MultiObjectiveOptimizer(model.parameters(), 1e-3, weight_decay=0.05)
         for x, y in loader:
             opt.zero_grad()
             student_logits, features = model(x)
@@ -84,17 +148,51 @@ class MultiObjectiveOptimizer(Optimizer):
             opt.step()
     """
 
+    @_forwarding_the_call
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Optimizer,
-        base: type[Optimizer] = torch.optim.AdamW,
+        params: ParamsT | Optimizer,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        base: type[Optimizer] = torch.optim.AdamW,
         mode: Mode = "exact",
         guard: Guard | None = None,
-        **kwargs: Any,
+        min_losses: Sequence[float] | torch.Tensor | None = None,
+        normalize: bool | None = None,
+        pi_lr: float = 0.025,
+        pi_weight_decay: float = 0.01,
+        pi_optimizer: PiOptimizer = "adamw",
+        stats_every: int = 0,
+        vectorize: bool | None = None,
+        weighting: Weighting | None = None,
+        **base_kwargs: Any,
     ) -> None:
-        options = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
-        self.base, self._implicitly_fused = _build_base(params, base, kwargs)
+        # The signature that callers and tools see; the call as it was made is built by
+        # _construct (see _forwarding_the_call), so that AdamW binds its own arguments and
+        # another base gets its own.
+        raise AssertionError("replaced by _forwarding_the_call")  # pragma: no cover
+
+    def _construct(
+        self,
+        params: Any,
+        base_args: tuple,
+        base_kwargs: dict[str, Any],
+        *,
+        base: type[Optimizer] = torch.optim.AdamW,
+        mode: Mode = "exact",
+        guard: Guard | None = None,
+        **options: Any,
+    ) -> None:
+        self.base, self._implicitly_fused = _build_base(params, base, base_args, base_kwargs)
         guard = _default_guard(self.base) if guard is None else guard
         self.balancer = Balancer(mode, guard=guard, **options)
         self.param_groups[0][STATE_KEY] = self.balancer.state_dict()
@@ -187,6 +285,8 @@ class MultiObjectiveOptimizer(Optimizer):
     # -- torch.optim.Optimizer interface ---------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            return self.base.add_param_group(param_group)  # the base's own error
         param_group = _materialised([param_group])[0]
         # fused=True was this wrapper's choice, not the user's: a group the fused kernel cannot
         # step (complex, another device) gets the base's own default instead.
@@ -211,14 +311,23 @@ class MultiObjectiveOptimizer(Optimizer):
         ``closure``, if given, must recompute the losses and call :meth:`backward`; it is passed to
         the base optimizer's ``step`` (which evaluates it under ``torch.enable_grad()``).
 
+        ``grad_scale`` and ``found_inf`` set on this optimizer before the call (the protocol of
+        torch's fused optimizers, by which a step is unscaled and skipped on the device) are
+        handed to the base for the step, where the base takes them.
+
         Raises:
             RuntimeError: micro-batches were accumulated (``backward(..., accumulate=True)``) but
                 not balanced by a final ``backward(...)``; nothing is stepped.
         """
         if closure is None:
             self.balancer.window.refuse_step()
-        # Whether a refused step is skipped, and how, is the guard's (as GradScaler's, its step).
-        return self.balancer._guard.take_step(self.base, closure, _base_step)
+        # Whether a refused step is skipped, and how, is the guard's (as GradScaler's, its step);
+        # a caller's found_inf and grad_scale (the fused-optimizer protocol) go to the base.
+        found_inf, grad_scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
+        run = _base_step
+        if found_inf is not None or grad_scale is not None:
+            run = _with_scaling(found_inf, grad_scale)
+        return self.balancer._guard.take_step(self.base, closure, run)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``Optimizer.state_dict`` of the base's groups and state (hooks included), with
@@ -254,11 +363,46 @@ class MultiObjectiveOptimizer(Optimizer):
         return f"{type(self).__name__}(mode={self.mode!r}, base={self.base!r})"
 
 
+def _with_scaling(
+    found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None
+) -> Callable[[Optimizer, Callable[[], Any] | None], Any]:
+    """:func:`_base_step` with the caller's ``found_inf`` and ``grad_scale`` set on a base that
+    takes them (a fused one; torch's others ignore them, and so does this), ``found_inf`` merged
+    with the verdict a device guard set there for the same step."""
+
+    def run(base: Optimizer, closure: Callable[[], Any] | None) -> Any:
+        if not getattr(base, "_step_supports_amp_scaling", False):
+            return _base_step(base, closure)
+        saved = {
+            key: base.__dict__[key] for key in ("grad_scale", "found_inf") if key in base.__dict__
+        }
+        refused = saved.get("found_inf")
+        merged = found_inf
+        if refused is not None:
+            merged = (
+                refused if found_inf is None else torch.maximum(found_inf, refused.to(found_inf))
+            )
+        base.grad_scale, base.found_inf = grad_scale, merged
+        try:
+            return _base_step(base, closure)
+        finally:
+            del base.grad_scale, base.found_inf
+            base.__dict__.update(saved)
+
+    return run
+
+
 def _base_step(base: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
     """The base's step with its own step hooks (``base.register_step_pre_hook``) but not torch's
     global ones (``register_optimizer_step_pre_hook`` / ``_post_hook``), which ran for this
     wrapper's step: they run once per ``step()``, as for the base alone. Torch's wrapper of
-    ``step``, less the global hooks."""
+    ``step``, less the global hooks.
+
+    A learning-rate scheduler built on the base wrapped ``base.step`` to record that the base
+    stepped (``_opt_called``, read by its first ``step()`` to warn when it comes first): it is
+    recorded here as that wrapper records it, since the wrapper itself is not called."""
+    if getattr(base.__dict__.get("step"), "_wrapped_by_lr_sched", False):
+        base._opt_called = True  # type: ignore[attr-defined]
     step = type(base).step
     if not getattr(step, "hooked", False):  # a step torch's Optimizer has not wrapped
         return base.step(closure)
@@ -281,16 +425,19 @@ def _default_guard(base: Optimizer) -> Guard:
 
 
 def _build_base(
-    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Optimizer,
+    params: Any,
     base: type[Optimizer],
-    base_kwargs: dict[str, Any],
+    args: tuple,
+    kwargs: dict[str, Any],
 ) -> tuple[Optimizer, bool]:
-    """The base optimizer, and whether this wrapper chose ``fused=True`` for it."""
+    """The base optimizer, built from the call as it was given, and whether this wrapper chose
+    ``fused=True`` for it."""
     if isinstance(params, Optimizer):
-        if base_kwargs:
+        if args or kwargs:
+            given = [f"{len(args)} positional"] if args else []
             raise ValueError(
-                f"got an optimizer instance to wrap and keyword arguments for a new one: "
-                f"{sorted(base_kwargs)}"
+                f"got an optimizer instance to wrap and arguments for a new one: "
+                f"{', '.join(given + sorted(kwargs))}"
             )
         return params, False
     if isinstance(base, Optimizer):
@@ -298,36 +445,65 @@ def _build_base(
             "base must be an optimizer class; to wrap an existing optimizer pass it as the first "
             "argument: MultiObjectiveOptimizer(existing_optimizer, mode=...)"
         )
-    fused = False
-    if base in _FUSED_BY_DEFAULT and not {"fused", "foreach"} & base_kwargs.keys():
-        params = _materialised(params)
-        fused = _fused_supported(params, base_kwargs.get("differentiable", False))
-        if fused:
-            base_kwargs = {**base_kwargs, "fused": True}
-    return base(params, **base_kwargs), fused
+    if params is _MISSING:
+        return base(*args, **kwargs), False  # the base's own "missing 'params'" error
+    if base not in _FUSED_BY_DEFAULT or {"fused", "foreach"} & kwargs.keys():
+        return base(params, *args, **kwargs), False
+    # The base checks its arguments before it reads params: so do we, on a probe, before params
+    # are read to choose the kernel (a generator is then not consumed by a call that fails).
+    base([torch.empty(0, requires_grad=True)], *args, **kwargs)
+    params = _materialised(params)
+    fused = _fused_supported(params, kwargs.get("differentiable", False))
+    return base(params, *args, **({**kwargs, "fused": True} if fused else kwargs)), fused
 
 
-def _materialised(params: Iterable) -> list:
-    """The params argument with every generator turned into a list, so it can be read twice."""
-    items = list(params)
+def _materialised(params: Any) -> Any:
+    """The params argument with every iterator in it turned into a list, so that it can be read
+    twice; what is not an iterable of tensors, pairs or groups is left as it is, for the base to
+    refuse with its own error (a single tensor, None, a set of tensors in a group)."""
+    if isinstance(params, torch.Tensor):
+        return params
+    try:
+        items = list(params)
+    except TypeError:
+        return params
     return [
-        {**item, "params": _as_list(item["params"])} if isinstance(item, dict) else item
+        {**item, "params": _as_list(item["params"])}
+        if isinstance(item, dict) and "params" in item
+        else item
         for item in items
     ]
 
 
-def _as_list(params: torch.Tensor | Iterable) -> list:
-    return [params] if isinstance(params, torch.Tensor) else list(params)
+def _as_list(params: Any) -> Any:
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, set) or not isinstance(params, Iterable):
+        return params  # the base's error
+    return list(params)
 
 
-def _tensors(params: list) -> list[torch.Tensor]:
-    """The tensors of a params argument: tensors, (name, tensor) pairs, or groups of either."""
-    members = [m for item in params for m in (item["params"] if isinstance(item, dict) else [item])]
-    return [m[1] if isinstance(m, tuple) else m for m in members]
+def _tensors(params: Any) -> list[torch.Tensor] | None:
+    """The tensors of a params argument — tensors, (name, tensor) pairs, or groups of either —
+    or None where it is not one (the base refuses it)."""
+    if not isinstance(params, list):
+        return None
+    members = []
+    for item in params:
+        if isinstance(item, dict):
+            if not isinstance(item.get("params"), list):
+                return None
+            members.extend(item["params"])
+        else:
+            members.append(item)
+    tensors = [m[1] if isinstance(m, tuple) and len(m) == 2 else m for m in members]
+    return tensors if all(isinstance(t, torch.Tensor) for t in tensors) else None
 
 
-def _fused_supported(params: list, differentiable: bool) -> bool:
+def _fused_supported(params: Any, differentiable: bool) -> bool:
     """Whether torch's fused Adam(W) kernel runs on all these parameters (device and dtype)."""
     tensors = _tensors(_materialised(params))
+    if not tensors:
+        return False
     fused, _ = _default_to_fused_or_foreach(tensors, differentiable, use_fused=True)
-    return bool(tensors) and fused
+    return fused

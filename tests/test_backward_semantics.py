@@ -39,7 +39,7 @@ def test_a_gradient_shared_by_two_parameters_gives_two_separate_grads(mode):
     torch.manual_seed(0)
     weight, delta = (torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)) for _ in "ab")
     x = torch.randn(8, 4, dtype=torch.float64)
-    opt = MultiObjectiveOptimizer([weight, delta], torch.optim.SGD, mode=mode, lr=0.1)
+    opt = MultiObjectiveOptimizer([weight, delta], base=torch.optim.SGD, mode=mode, lr=0.1)
     out = x @ (weight + delta)
     opt.backward([out.square().mean(), (out - 1).abs().mean()])
     assert weight.grad is not delta.grad
@@ -60,7 +60,7 @@ def test_grad_has_the_parameters_strides_and_no_expanded_memory(mode):
     transposed = torch.nn.Parameter(torch.randn(6, 4).t())  # a leaf with transposed strides
     params = [summed, *conv.parameters(), transposed]
     images = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
-    opt = MultiObjectiveOptimizer(params, torch.optim.SGD, mode=mode, lr=0.1)
+    opt = MultiObjectiveOptimizer(params, base=torch.optim.SGD, mode=mode, lr=0.1)
 
     def losses():
         feature = conv(images).mean() + (torch.randn(5, 6) @ transposed.T).mean()
@@ -255,7 +255,7 @@ def test_a_loss_that_reaches_only_unbalanced_parameters_is_refused():
 @pytest.mark.parametrize("mode", MODES)
 def test_sparse_gradients_are_refused_with_the_fix(mode):
     embedding = torch.nn.Embedding(10, 3, sparse=True)
-    opt = MultiObjectiveOptimizer(embedding.parameters(), torch.optim.SGD, mode=mode, lr=0.1)
+    opt = MultiObjectiveOptimizer(embedding.parameters(), base=torch.optim.SGD, mode=mode, lr=0.1)
     vectors = embedding(torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="sparse=False"):
         opt.backward([vectors.square().mean(), (vectors - 1).square().mean()])
@@ -280,7 +280,7 @@ def complex_problem():
 
 def test_complex_parameters_get_the_real_inner_product_in_exact_mode():
     params, losses = complex_problem()
-    opt = MultiObjectiveOptimizer(params, torch.optim.SGD, lr=0.1)
+    opt = MultiObjectiveOptimizer(params, base=torch.optim.SGD, lr=0.1)
     current = losses()
     rows = []
     for loss in current:
@@ -470,7 +470,7 @@ def test_grad_scaler_unscales_a_shared_gradient_once_per_parameter(mode):
     x = torch.randn(8, 4)
     results = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
-        opt = MultiObjectiveOptimizer([weight, delta], torch.optim.SGD, mode=mode, lr=0.1)
+        opt = MultiObjectiveOptimizer([weight, delta], base=torch.optim.SGD, mode=mode, lr=0.1)
         out = x @ (weight + delta)
         opt.backward([out.square().mean(), (out - 1).abs().mean()], grad_scaler=scaler)
         if scaler is not None:

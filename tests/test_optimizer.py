@@ -170,7 +170,7 @@ def test_affine_mode_stops_training_on_the_spec_counterexample_and_exact_does_no
     directions = {}
     for mode in ("affine", "exact"):
         x = torch.ones(1, requires_grad=True)
-        opt = MultiObjectiveOptimizer([x], torch.optim.SGD, mode=mode, lr=0.1)
+        opt = MultiObjectiveOptimizer([x], base=torch.optim.SGD, mode=mode, lr=0.1)
         opt.backward([x.sum(), x.square().sum()])
         directions[mode] = x.grad.item()
     assert directions["affine"] == pytest.approx(0.0, abs=1e-9)
@@ -483,7 +483,7 @@ def test_adamw_base_defaults_to_the_fused_kernel_unless_told_otherwise():
     assert not MultiObjectiveOptimizer(problem.model.parameters(), fused=False).param_groups[0][
         "fused"
     ]
-    sgd = MultiObjectiveOptimizer(problem.model.parameters(), torch.optim.SGD, lr=0.1)
+    sgd = MultiObjectiveOptimizer(problem.model.parameters(), base=torch.optim.SGD, lr=0.1)
     assert not sgd.param_groups[0].get("fused")
 
 

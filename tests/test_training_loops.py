@@ -201,7 +201,9 @@ def test_grad_scaler_does_not_excuse_bad_losses():
 def test_clip_grad_norm_between_backward_and_step_clips_what_the_base_steps_with(mode):
     problem = TeacherStudentProblem(dtype=torch.float64)
     shadow = TeacherStudentProblem(dtype=torch.float64)
-    opt = MultiObjectiveOptimizer(problem.model.parameters(), torch.optim.SGD, mode=mode, lr=0.5)
+    opt = MultiObjectiveOptimizer(
+        problem.model.parameters(), base=torch.optim.SGD, mode=mode, lr=0.5
+    )
     opt.backward(problem.losses())
     balanced = grads(problem.model)
     norm = torch.nn.utils.clip_grad_norm_(problem.model.parameters(), max_norm=1e-3)
