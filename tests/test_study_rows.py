@@ -238,3 +238,42 @@ def test_k3_records_every_pairs_conflict(digits, teacher):
     steps = {"conflict_1_2": {"step": [0, 1, 2, 3], "value": [-1.0, 2.0, -3.0, 4.0]}}
     summary = summarize_method([History([0.5], 5, steps, 1.0)])
     assert summary["conflict_1_2_share"] == 0.5
+
+
+def test_the_hinton_preset_chooses_on_held_out_data_and_keeps_the_slots_seeds(tmp_path):
+    """The fixed weight and DOT's lr are chosen on the last 10,000 training images (a study of
+    their own in <out>/selection, never the test set); the chosen rows then run with the slots'
+    seeds, and results.json records the choice, the paired differences to the chosen weight and
+    to IMTL-G, and Hinton et al.'s numbers."""
+    config = DistillConfig(
+        dataset="mnist",
+        preset="hinton",
+        epochs=1,
+        teacher_epochs=1,
+        train_size=200,
+        test_size=100,
+        jobs=1,
+        progress=False,
+        out=tmp_path,
+    )
+    results = run_distill(config, "hinton").results
+    selection = json.loads((tmp_path / "selection" / "results.json").read_text())
+    assert selection["evaluated_on"] == "validation" and selection["config"]["validation"] == 10_000
+    scores = {name: entry["errors_mean"] for name, entry in selection["methods"].items()}
+    for slot in ("fixed-weight", "dot"):
+        chosen = results["selection"][slot]
+        assert chosen["validation_errors"] == {
+            name: scores[name] for name in chosen["validation_errors"]
+        }
+        best = min(chosen["validation_errors"].values())
+        assert chosen["validation_errors"][chosen["chosen"]] == best
+        assert len(results["methods"][chosen["chosen"]]["errors"]) == 5  # the slot's seeds
+    fixed = results["selection"]["fixed-weight"]
+    assert {"hinton-kd-w0.1", "hinton-kd-w0.25", "hinton-kd-w0.5", "hinton-kd-w1"} <= set(
+        fixed["validation_errors"]
+    )
+    assert {"hinton-kd-w3", "hinton-kd"} <= set(fixed["validation_errors"])
+    assert results["paired"]["reference"] == fixed["chosen"]
+    assert results["paired_rival"]["reference"] == "imtl-g"
+    assert results["evaluated_on"] == "test" and "74" in results["published"]
+    assert all(len(summary["errors"]) == 5 for summary in results["methods"].values())

@@ -63,7 +63,7 @@ def run_distill(config: DistillConfig, command: str) -> Outcome:
     config = config.resolved()
     config.out.mkdir(parents=True, exist_ok=True)
     selection = _select(config, command)
-    config = dataclasses.replace(config, methods=selection.methods)
+    config = dataclasses.replace(config, methods=selection.methods, seeds_for=selection.seeds_for)
     splits = _load(config)
     torch.set_num_threads(config.threads * _jobs(config))  # the teacher gets all the jobs' cores
     teacher, cached = _teacher(config, splits)
@@ -148,10 +148,11 @@ def _load(config: DistillConfig) -> Splits:
 
 @dataclass(frozen=True)
 class _Chosen:
-    """The methods with every selection slot replaced by its chosen candidate, and what
-    ``results.json`` records of each choice (``"selection"``)."""
+    """The methods and the per-method seeds with every selection slot replaced by its chosen
+    candidate, and what ``results.json`` records of each choice (``"selection"``)."""
 
     methods: tuple[str, ...]
+    seeds_for: tuple[tuple[str, int], ...]
     record: dict[str, Any]
 
 
@@ -161,7 +162,7 @@ def _select(config: DistillConfig, command: str) -> _Chosen:
     candidate with the fewest mean validation errors in the slot's place."""
     selections = config.selections
     if not selections:
-        return _Chosen(config.methods, {})
+        return _Chosen(config.methods, config.seeds_for, {})
     preset = config.preset_spec
     study = dataclasses.replace(
         config,
@@ -179,12 +180,14 @@ def _select(config: DistillConfig, command: str) -> _Chosen:
         chosen = min(candidates, key=errors.__getitem__)  # min keeps the first of ties
         methods[methods.index(slot)] = chosen
         record[slot] = {"chosen": chosen, "validation_errors": errors}
+    chosen = {slot: entry["chosen"] for slot, entry in record.items()}
+    seeds_for = tuple((chosen.get(name, name), count) for name, count in config.seeds_for)
     record.update(
         validation=preset.validation,
         seeds=preset.selection_seeds,
         results=str(study.out / "results.json"),
     )
-    return _Chosen(tuple(methods), record)
+    return _Chosen(tuple(methods), seeds_for, record)
 
 
 def _teacher_cache(config: DistillConfig) -> Path:
