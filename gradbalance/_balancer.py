@@ -115,8 +115,7 @@ class Balancer:
 
     @property
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """π of the last balanced backward by loss name (``"0"``, ``"1"``, … for unnamed
-        losses); empty before the first."""
+        """π of the last balanced backward by loss name ("0", "1", … unnamed); {} before it."""
         if self.weights is None:
             return {}
         names = self.loss_names or tuple(str(i) for i in range(len(self.weights)))
@@ -134,8 +133,8 @@ class Balancer:
     @property
     def found_inf(self) -> torch.Tensor | None:
         """guard="device": 1.0 (float32, on the device) when the last balanced backward was
-        refused and its step must be skipped — what a fused optimizer's ``found_inf`` takes, as
-        ``GradScaler`` hands it over; else 0.0. None with guard="sync", which raises instead."""
+        refused and its step must be skipped (a fused optimizer's ``found_inf``), else 0.0.
+        None with guard="sync", which raises instead."""
         return self._guard.found_inf
 
     @property
@@ -145,9 +144,8 @@ class Balancer:
         return self._guard.refused_steps
 
     def raise_deferred(self) -> None:
-        """guard="device": raises the ValueError of the last refused step, if a step was refused
-        since the last call (one host synchronisation). :meth:`state_dict` calls it, since it
-        synchronises anyway. guard="sync" raises at once and defers nothing."""
+        """guard="device": raises the ValueError of the last refused step since the last call
+        (one host synchronisation; :meth:`state_dict` calls it). guard="sync" defers nothing."""
         self._guard.raise_deferred()
 
     # -- the micro-batch window ------------------------------------------------------------------
@@ -163,27 +161,16 @@ class Balancer:
         return self._window.pending
 
     def discard_micro_batches(self) -> None:
-        """Drops the micro-batches gathered with ``accumulate=True`` and not balanced yet.
-
-        A window lives from its first ``backward(..., accumulate=True)`` to the next
-        ``backward(...)`` without it. A loop that abandons a window drops it, as it drops
-        ``.grad``: this, or the ``zero_grad()`` of :class:`~gradbalance.MultiObjectiveOptimizer`
-        or of an optimizer passed to :meth:`attach`. After a micro-batch raised in
-        :meth:`backward`, any ``zero_grad()`` of the parameters (``model.zero_grad()`` too) drops
-        it as well; an epoch that ends early, or a failure before :meth:`backward` (in the
-        forward), needs one of the above, else the next step averages the old micro-batches in.
-        While micro-batches are held the ``step()`` of any torch optimizer of the parameters
-        raises (docs/method.md, "The micro-batch window").
-        """
+        """Drops the micro-batches gathered with ``accumulate=True`` and not balanced yet, as
+        ``zero_grad()`` drops ``.grad``: for a loop that abandons a window (an epoch that ends
+        early, a failure in the forward). The window's whole lifetime: docs/method.md, "The
+        micro-batch window"."""
         self._window.discard()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Ties this balancer's micro-batches to the ``optimizer`` that steps on its ``.grad``:
-        ``optimizer.zero_grad()`` drops them, also where no micro-batch raised (an epoch that
-        ends early), and ``optimizer.step()`` raises a RuntimeError while micro-batches are held
-        (they were never balanced: the step would be a no-op and they would leak into the next
-        one) — as the step of any torch optimizer of the parameters does, attached or not. Not
-        kept by pickling: attach again after loading."""
+        """Ties this balancer's micro-batches to ``optimizer``: its ``zero_grad()`` always drops
+        them, and its ``step()`` raises while they are held (as any torch optimizer's step of the
+        parameters does). Not kept by pickling: attach again after loading."""
         self._window.attach(optimizer)
 
     # -- the balanced backward -------------------------------------------------------------------
@@ -212,21 +199,17 @@ class Balancer:
             accumulate: this is a micro-batch, not the last one: keep its gradients (per task in
                 exact mode, π-weighted in amortized mode) and loss values, and leave ``.grad``
                 alone. The next call without ``accumulate`` balances the *mean* of the
-                micro-batches' gradients and losses — the same as one batch made of all of them,
-                when each loss is a mean over equally sized micro-batches (do not divide the
-                losses by the number of micro-batches). In amortized mode one π weights the whole
-                window (:mod:`gradbalance.modes`). See
-                :meth:`discard_micro_batches` for the window's lifetime.
+                micro-batches' gradients and losses — one batch made of all of them, for losses
+                that are means over equally sized micro-batches (do not divide them by the number
+                of micro-batches). The window's lifetime: :meth:`discard_micro_batches`.
             retain_graph: keep the autograd graph, as in :meth:`torch.Tensor.backward`.
-            grad_scaler: a :class:`torch.amp.GradScaler`: the gradients are computed scaled by
-                it (``.grad`` holds the scaled gradient, for ``scaler.unscale_`` /
-                ``scaler.step``) while π and the statistics use the unscaled values. Non-finite
-                gradients then do not raise: they reach ``.grad`` so that ``scaler.step`` skips
-                the step, and the balancing state stays as it was.
-            representation: representation mode only, and required there: the tensor(s) of the
-                forward pass that the losses share — for distillation the student's outputs or
-                features that both losses read, ``(batch, …)`` activations with their graph —
-                with respect to which the Gram matrix is computed.
+            grad_scaler: a :class:`torch.amp.GradScaler`: ``.grad`` holds the scaled gradient
+                (for ``scaler.unscale_`` / ``scaler.step``), π and the statistics the unscaled
+                values; non-finite gradients reach ``.grad`` for ``scaler.step`` to skip, and the
+                balancing state stays as it was.
+            representation: representation mode only, and required there: the ``(batch, …)``
+                activation(s) that the losses share (the student's features), with their graph;
+                the Gram matrix is computed with respect to them.
 
         Parameters that a loss does not reach count as zero for that loss; parameters that no loss
         reaches keep ``.grad`` as it was. It works under ``torch.no_grad()``, as

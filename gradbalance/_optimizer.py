@@ -14,14 +14,23 @@ rate schedulers, ``add_param_group``, ``torch.distributed.checkpoint`` and torch
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.optimizer import ParamsT, _default_to_fused_or_foreach
+from torch.optim.optimizer import ParamsT
 
 from ._balancer import Balancer
+from ._base_optimizer import (
+    MISSING,
+    base_step,
+    build_base,
+    default_guard,
+    fused_supported,
+    materialised,
+    with_scaling,
+)
 from ._guard import Guard
 from ._inputs import LossesLike
 from ._options import OPTION_NAMES
@@ -35,9 +44,6 @@ __all__ = ["MultiObjectiveOptimizer"]
 # dict that torch.distributed.checkpoint keeps for keys it does not know (it rewrites "state" by
 # parameter).
 STATE_KEY = "gradbalance"
-# Base optimizers that get torch's fused kernel by default (a 1.6 M parameter AdamW step on a
-# 2-core CPU: 0.21x the time of torch's default single-tensor loop; see docs/performance.md).
-_FUSED_BY_DEFAULT = (torch.optim.AdamW, torch.optim.Adam)
 # The keyword arguments that are this class's own; all the others are the base's.
 _OWN_ARGUMENTS = ("base", "mode", *OPTION_NAMES)  # OPTION_NAMES has "guard"
 
@@ -57,18 +63,10 @@ def _forwarding_the_call(signature: _Init) -> _Init:
         if args:
             params, args = args[0], args[1:]
         else:  # params by keyword, or missing: the base's own error then
-            params = kwargs.pop("params", _MISSING)
+            params = kwargs.pop("params", MISSING)
         self._construct(params, args, kwargs, **own)
 
     return __init__  # type: ignore[return-value]
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING: Any = _Missing()
 
 
 class MultiObjectiveOptimizer(Optimizer):
@@ -192,8 +190,8 @@ class MultiObjectiveOptimizer(Optimizer):
         guard: Guard | None = None,
         **options: Any,
     ) -> None:
-        self.base, self._implicitly_fused = _build_base(params, base, base_args, base_kwargs)
-        guard = _default_guard(self.base) if guard is None else guard
+        self.base, self._implicitly_fused = build_base(params, base, base_args, base_kwargs)
+        guard = default_guard(self.base) if guard is None else guard
         self.balancer = Balancer(mode, guard=guard, **options)
         self.param_groups[0][STATE_KEY] = self.balancer.state_dict()
         # torch.optim.Optimizer's own bookkeeping (hook registries, the profiled step), as its
@@ -287,16 +285,12 @@ class MultiObjectiveOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             return self.base.add_param_group(param_group)  # the base's own error
-        param_group = _materialised([param_group])[0]
+        param_group = materialised([param_group])[0]
         # fused=True was this wrapper's choice, not the user's: a group the fused kernel cannot
         # step (complex, another device) gets the base's own default instead.
         chosen = not {"fused", "foreach"} & param_group.keys()
         differentiable = self.defaults.get("differentiable", False)
-        if (
-            self._implicitly_fused
-            and chosen
-            and not _fused_supported([param_group], differentiable)
-        ):
+        if self._implicitly_fused and chosen and not fused_supported([param_group], differentiable):
             param_group = {**param_group, "fused": None}
         self.base.add_param_group(param_group)
 
@@ -324,9 +318,9 @@ class MultiObjectiveOptimizer(Optimizer):
         # Whether a refused step is skipped, and how, is the guard's (as GradScaler's, its step);
         # a caller's found_inf and grad_scale (the fused-optimizer protocol) go to the base.
         found_inf, grad_scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
-        run = _base_step
+        run = base_step
         if found_inf is not None or grad_scale is not None:
-            run = _with_scaling(found_inf, grad_scale)
+            run = with_scaling(found_inf, grad_scale)
         return self.balancer._guard.take_step(self.base, closure, run)
 
     def state_dict(self) -> dict[str, Any]:
@@ -361,149 +355,3 @@ class MultiObjectiveOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, base={self.base!r})"
-
-
-def _with_scaling(
-    found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None
-) -> Callable[[Optimizer, Callable[[], Any] | None], Any]:
-    """:func:`_base_step` with the caller's ``found_inf`` and ``grad_scale`` set on a base that
-    takes them (a fused one; torch's others ignore them, and so does this), ``found_inf`` merged
-    with the verdict a device guard set there for the same step."""
-
-    def run(base: Optimizer, closure: Callable[[], Any] | None) -> Any:
-        if not getattr(base, "_step_supports_amp_scaling", False):
-            return _base_step(base, closure)
-        saved = {
-            key: base.__dict__[key] for key in ("grad_scale", "found_inf") if key in base.__dict__
-        }
-        refused = saved.get("found_inf")
-        merged = found_inf
-        if refused is not None:
-            merged = (
-                refused if found_inf is None else torch.maximum(found_inf, refused.to(found_inf))
-            )
-        base.grad_scale, base.found_inf = grad_scale, merged
-        try:
-            return _base_step(base, closure)
-        finally:
-            del base.grad_scale, base.found_inf
-            base.__dict__.update(saved)
-
-    return run
-
-
-def _base_step(base: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
-    """The base's step with its own step hooks (``base.register_step_pre_hook``) but not torch's
-    global ones (``register_optimizer_step_pre_hook`` / ``_post_hook``), which ran for this
-    wrapper's step: they run once per ``step()``, as for the base alone. Torch's wrapper of
-    ``step``, less the global hooks.
-
-    A learning-rate scheduler built on the base wrapped ``base.step`` to record that the base
-    stepped (``_opt_called``, read by its first ``step()`` to warn when it comes first): it is
-    recorded here as that wrapper records it, since the wrapper itself is not called."""
-    if getattr(base.__dict__.get("step"), "_wrapped_by_lr_sched", False):
-        base._opt_called = True  # type: ignore[attr-defined]
-    step = type(base).step
-    if not getattr(step, "hooked", False):  # a step torch's Optimizer has not wrapped
-        return base.step(closure)
-    args, kwargs = (base, closure), {}
-    for hook in list(base._optimizer_step_pre_hooks.values()):
-        result = hook(base, args, kwargs)
-        if result is not None:
-            args, kwargs = result
-    loss = step.__wrapped__(*args, **kwargs)
-    for hook in list(base._optimizer_step_post_hooks.values()):
-        hook(base, args, kwargs)
-    return loss
-
-
-def _default_guard(base: Optimizer) -> Guard:
-    """ "device" where it costs nothing: CUDA parameters and a base that skips on the device."""
-    tensors = [p for group in base.param_groups for p in group["params"]]
-    on_cuda = bool(tensors) and all(p.device.type == "cuda" for p in tensors)
-    return "device" if on_cuda and getattr(base, "_step_supports_amp_scaling", False) else "sync"
-
-
-def _build_base(
-    params: Any,
-    base: type[Optimizer],
-    args: tuple,
-    kwargs: dict[str, Any],
-) -> tuple[Optimizer, bool]:
-    """The base optimizer, built from the call as it was given, and whether this wrapper chose
-    ``fused=True`` for it."""
-    if isinstance(params, Optimizer):
-        if args or kwargs:
-            given = [f"{len(args)} positional"] if args else []
-            raise ValueError(
-                f"got an optimizer instance to wrap and arguments for a new one: "
-                f"{', '.join(given + sorted(kwargs))}"
-            )
-        return params, False
-    if isinstance(base, Optimizer):
-        raise TypeError(
-            "base must be an optimizer class; to wrap an existing optimizer pass it as the first "
-            "argument: MultiObjectiveOptimizer(existing_optimizer, mode=...)"
-        )
-    if params is _MISSING:
-        return base(*args, **kwargs), False  # the base's own "missing 'params'" error
-    if base not in _FUSED_BY_DEFAULT or {"fused", "foreach"} & kwargs.keys():
-        return base(params, *args, **kwargs), False
-    # The base checks its arguments before it reads params: so do we, on a probe, before params
-    # are read to choose the kernel (a generator is then not consumed by a call that fails).
-    base([torch.empty(0, requires_grad=True)], *args, **kwargs)
-    params = _materialised(params)
-    fused = _fused_supported(params, kwargs.get("differentiable", False))
-    return base(params, *args, **({**kwargs, "fused": True} if fused else kwargs)), fused
-
-
-def _materialised(params: Any) -> Any:
-    """The params argument with every iterator in it turned into a list, so that it can be read
-    twice; what is not an iterable of tensors, pairs or groups is left as it is, for the base to
-    refuse with its own error (a single tensor, None, a set of tensors in a group)."""
-    if isinstance(params, torch.Tensor):
-        return params
-    try:
-        items = list(params)
-    except TypeError:
-        return params
-    return [
-        {**item, "params": _as_list(item["params"])}
-        if isinstance(item, dict) and "params" in item
-        else item
-        for item in items
-    ]
-
-
-def _as_list(params: Any) -> Any:
-    if isinstance(params, torch.Tensor):
-        return [params]
-    if isinstance(params, set) or not isinstance(params, Iterable):
-        return params  # the base's error
-    return list(params)
-
-
-def _tensors(params: Any) -> list[torch.Tensor] | None:
-    """The tensors of a params argument — tensors, (name, tensor) pairs, or groups of either —
-    or None where it is not one (the base refuses it)."""
-    if not isinstance(params, list):
-        return None
-    members = []
-    for item in params:
-        if isinstance(item, dict):
-            if not isinstance(item.get("params"), list):
-                return None
-            members.extend(item["params"])
-        else:
-            members.append(item)
-    tensors = [m[1] if isinstance(m, tuple) and len(m) == 2 else m for m in members]
-    return tensors if all(isinstance(t, torch.Tensor) for t in tensors) else None
-
-
-def _fused_supported(params: Any, differentiable: bool) -> bool:
-    """Whether torch's fused Adam(W) kernel runs on all these parameters (device and dtype)."""
-    tensors = _tensors(_materialised(params))
-    if not tensors:
-        return False
-    fused, _ = _default_to_fused_or_foreach(tensors, differentiable, use_fused=True)
-    return fused

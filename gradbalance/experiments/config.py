@@ -367,7 +367,13 @@ class DistillConfig:
         default=None,
         metadata=option("output folder (default: runs/<dataset>)", parse=Path, metavar="DIR"),
     )
-    device: str = field(default="cpu", metadata=option("cpu, cuda or cuda:N", parse=device_name))
+    device: str | None = field(
+        default=None,
+        metadata=option(
+            "cpu, cuda or cuda:N (default: cuda where a GPU is available, else cpu)",
+            parse=device_name,
+        ),
+    )
     threads: int = field(
         default=1,
         metadata=option(
@@ -414,6 +420,8 @@ class DistillConfig:
         chosen = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         if self.out is None:
             chosen["out"] = Path("runs") / self.dataset
+        if self.device is None:
+            chosen["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         config = dataclasses.replace(self, **chosen)
         for kind in ("teacher", "student"):
             networks = getattr(spec, kind + "s")
