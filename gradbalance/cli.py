@@ -16,7 +16,7 @@ from importlib.util import find_spec
 import torch
 
 from gradbalance.experiments.config import DistillConfig, Option
-from gradbalance.experiments.datasets import dataset
+from gradbalance.experiments.datasets import EXAMPLES_INSTALL, dataset
 from gradbalance.experiments.methods import parse_method
 from gradbalance.experiments.report import format_table, headline
 
@@ -133,7 +133,11 @@ def _check_distill(distill: argparse.ArgumentParser, config: DistillConfig) -> N
     spec = dataset(config.dataset)
     missing = [name for name in _needed_modules(config) if find_spec(name) is None]
     if missing:
-        extra = spec.install if set(missing) <= set(spec.packages(config.data_dir)) else _EXAMPLES
+        extra = (
+            spec.install
+            if set(missing) <= set(spec.packages(config.data_dir))
+            else EXAMPLES_INSTALL
+        )
         distill.error(f"missing {', '.join(missing)}: gradbalance distill needs it ({extra})")
     if len(set(config.methods)) != len(config.methods):
         distill.error(f"--methods lists a method twice: {' '.join(config.methods)}")
@@ -178,9 +182,6 @@ def _download(distill: argparse.ArgumentParser, config: DistillConfig) -> None:
         spec.download(config.data_dir)
     except (ConnectionError, ValueError) as error:
         distill.error(str(error))
-
-
-_EXAMPLES = "pip install 'gradbalance[examples]'"
 
 
 def _needed_modules(config: DistillConfig) -> tuple[str, ...]:

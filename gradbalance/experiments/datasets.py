@@ -45,6 +45,7 @@ from gradbalance.experiments.models import (
 
 __all__ = [
     "DATASETS",
+    "EXAMPLES_INSTALL",
     "DatasetSpec",
     "Defaults",
     "Network",
@@ -195,7 +196,7 @@ _SMALL_DEFAULTS = dict(
     temperature=1.0,
     features=True,
 )
-_EXAMPLES = "pip install 'gradbalance[examples]'"
+EXAMPLES_INSTALL = "pip install 'gradbalance[examples]'"  # what gradbalance distill imports
 _FIELD = CifarRecipe()
 _FIELD_MILESTONES = tuple(epoch / _FIELD.epochs for epoch in _FIELD.milestones)
 # Padding is black before standardisation: −mean / std per channel after it.
@@ -221,7 +222,7 @@ DATASETS: dict[str, DatasetSpec] = {
         load=lambda data_dir: data.load_mnist1d(),
         find_files=None,
         packages=_packages("mnist1d"),
-        install=_EXAMPLES,
+        install=EXAMPLES_INSTALL,
         teachers={"cnn": Network(cnn1d_teacher)},
         students={"mlp": Network(mlp, width=256)},
         augmentation=Augmentation(max_shift=4, noise=0.05),
@@ -233,7 +234,7 @@ DATASETS: dict[str, DatasetSpec] = {
         load=lambda data_dir: data.load_digits(),
         find_files=None,
         packages=_packages("sklearn"),
-        install=_EXAMPLES,
+        install=EXAMPLES_INSTALL,
         teachers={"cnn": Network(cnn2d_teacher)},
         students={"cnn": Network(cnn2d_student)},
         augmentation=Augmentation(max_shift=1),
@@ -324,10 +325,10 @@ DATASETS: dict[str, DatasetSpec] = {
     # CIFAR-100 as CRD and mdistiller train it (docs/cifar100.md): their models and recipe.
     "cifar100": DatasetSpec(
         summary="CIFAR-100's python version from --data-dir (--download fetches it)",
-        load=lambda data_dir: data.load_cifar100(data_dir),
+        load=data.load_cifar100,
         find_files=_cifar_check,
         packages=_packages(),
-        install=_EXAMPLES,
+        install=EXAMPLES_INSTALL,
         teachers={"cnn": Network(cnn2d_teacher), **_CIFAR_NETWORKS},
         students={"cnn": Network(cnn2d_student), **_CIFAR_NETWORKS},
         augmentation=_CROP_FLIP,
