@@ -277,3 +277,16 @@ def test_the_hinton_preset_chooses_on_held_out_data_and_keeps_the_slots_seeds(tm
     assert results["paired_rival"]["reference"] == "imtl-g"
     assert results["evaluated_on"] == "test" and "74" in results["published"]
     assert all(len(summary["errors"]) == 5 for summary in results["methods"].values())
+
+
+def test_headline_without_a_balanced_row_names_only_the_best():
+    from gradbalance.experiments.report import headline
+
+    methods = {
+        "student": {"errors_mean": 155.0, "errors": [155]},
+        "hinton-kd-w1": {"errors_mean": 111.0, "errors": [111]},
+    }
+    paired = paired_differences(methods)
+    assert paired["reference"] == "hinton-kd-w1"
+    results = {"methods": methods, "paired": paired}
+    assert headline(results) == "Fewest test errors: hinton-kd-w1 (111.0 on average)."

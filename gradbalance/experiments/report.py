@@ -201,12 +201,12 @@ def headline(results: Mapping[str, Any]) -> str:
     best = min(methods, key=lambda name: methods[name]["errors_mean"])
     line = f"Fewest test errors: {best} ({methods[best]['errors_mean']:.1f} on average)"
     paired = results.get("paired", {})
-    if not paired:
-        return line + "."
-    reference = paired["reference"]
     parts = [
         f"{name} {entry['mean']:+.1f} ({entry['fewer']} of {entry['n']} seeds fewer)"
-        for name, entry in paired["methods"].items()
+        for name, entry in paired.get("methods", {}).items()
         if not is_fixed_weight(name) and name != "student"
     ]
+    if not parts:  # no fixed weight ran, or nothing but fixed weights and the student
+        return line + "."
+    reference = paired["reference"]
     return f"{line}; against the best fixed weight, {reference}: " + ", ".join(parts) + "."
