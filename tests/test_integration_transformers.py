@@ -228,7 +228,7 @@ def test_compute_losses_must_return_named_losses(tmp_path):
         train_dataset=dataset(),
         compute_losses=lambda model, inputs, teacher: model(inputs["x"]).sum(),
     )
-    with pytest.raises(TypeError, match=r"returns the losses by name.*got Tensor"):
+    with pytest.raises(TypeError, match=r"compute_losses returns its losses by name.*got Tensor"):
         trainer.train()
 
 

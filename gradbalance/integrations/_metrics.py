@@ -1,10 +1,34 @@
-"""What the framework integrations log after each balanced step."""
+"""What the framework integrations share: the named losses a user returns, and what they log
+after each balanced step."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from .. import Balancer
+
+
+def named_losses(losses: Any, returned_by: str) -> dict[str, torch.Tensor]:
+    """``losses`` as a dict of names to tensors; ``returned_by`` names what returned them
+    (``"a BalancedModule's training_step"``, ``"compute_losses"``) in the error.
+
+    Raises:
+        TypeError: ``losses`` is not a mapping, or one of its values is not a tensor.
+    """
+    if not isinstance(losses, Mapping):
+        raise TypeError(
+            f"{returned_by} returns its losses by name, a dict such as "
+            f"{{'distill': ..., 'task': ...}}; got {type(losses).__name__}"
+        )
+    for name, loss in losses.items():
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"{returned_by}'s loss {name!r} must be a tensor, got {type(loss).__name__}"
+            )
+    return dict(losses)
 
 
 def balancing_metrics(balancer: Balancer) -> dict[str, torch.Tensor]:

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from .. import Balancer
-from ._metrics import balancing_metrics
+from ._metrics import balancing_metrics, named_losses
 
 __all__ = ["BalancedModule"]
 
@@ -150,7 +150,7 @@ class BalancedModule(LightningModule):
                 f"the {type(self.trainer.strategy).__name__} strategy runs its own backward, "
                 f"which BalancedModule cannot replace"
             )
-        self._named_losses = named_losses(output)
+        self._named_losses = named_losses(output, "a BalancedModule's training_step")
         return {"loss": sum(loss.detach() for loss in self._named_losses.values())}
 
 
@@ -171,25 +171,6 @@ def _taking_named_losses(step: Callable[..., Any]) -> Callable[..., Any]:
         return self._take_named_losses(output)
 
     return training_step
-
-
-def named_losses(output: Any) -> dict[str, Tensor]:
-    """The losses by name from what ``training_step`` returned (a mapping of names to tensors).
-
-    Raises:
-        TypeError: ``output`` is not a mapping, or one of its values not a tensor.
-    """
-    if not isinstance(output, Mapping):
-        raise TypeError(
-            f"a BalancedModule's training_step returns its losses by name, a dict such as "
-            f"{{'distill': ..., 'task': ...}}; got {type(output).__name__}"
-        )
-    for name, loss in output.items():
-        if not isinstance(loss, Tensor):
-            raise TypeError(
-                f"training_step's loss {name!r} must be a tensor, got {type(loss).__name__}"
-            )
-    return dict(output)
 
 
 def window_position(trainer: Trainer) -> tuple[bool, bool]:

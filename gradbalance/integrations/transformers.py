@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from .. import Balancer
-from ._metrics import balancing_metrics
+from ._metrics import balancing_metrics, named_losses
 
 __all__ = ["BALANCER_NAME", "BalancedTrainer", "ComputeLosses"]
 
@@ -132,7 +132,7 @@ class BalancedTrainer(Trainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            losses = named_losses(self.compute_losses(model, inputs))
+            losses = named_losses(self.compute_losses(model, inputs), "compute_losses")
         closes = self.accelerator.sync_gradients  # Trainer sets it: True on a step's last
         self.balancer.backward(
             losses,
@@ -175,23 +175,6 @@ class BalancedTrainer(Trainer):
                 f"balancer starts afresh",
                 stacklevel=2,
             )
-
-
-def named_losses(losses: Any) -> dict[str, Tensor]:
-    """``compute_losses``'s output as a dict of names to tensors.
-
-    Raises:
-        TypeError: it is not a mapping, or one of its values is not a tensor.
-    """
-    if not isinstance(losses, Mapping):
-        raise TypeError(
-            f"compute_losses returns the losses by name, a dict such as "
-            f"{{'distill': ..., 'task': ...}}; got {type(losses).__name__}"
-        )
-    for name, loss in losses.items():
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"the loss {name!r} must be a tensor, got {type(loss).__name__}")
-    return dict(losses)
 
 
 class _SinceLastLog:
