@@ -113,23 +113,29 @@ class FixedTeacher(torch.nn.Module):
         return Output(torch.zeros(len(inputs), 1), self.logits[self.step])
 
 
-def reference_direction(name, losses, params):
-    """The row's gradient, in float64: KD's 0.9 · ∇L_kl + 0.1 · ∇L_ce; MoKD exact's min-norm π of
-    the log-loss gradients u_i = ∇L_i / L_i (closed form for k = 2), normalised by Σ π_i / L_i."""
+def reference_direction(name, losses, params, features):
+    """The row's gradient, in float64: KD's 0.9 · ∇L_kl + 0.1 · ∇L_ce; MoKD's min-norm π of the
+    log-loss gradients u_i = ∇L_i / L_i (closed form for k = 2) — with respect to the parameters
+    (exact mode) or to the student's features (representation mode) — and the direction
+    Σ π_i ∇L_i / L_i normalised by Σ π_i / L_i."""
     grads = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
     if name == "kd":
         return [0.9 * a + 0.1 * b for a, b in zip(*grads)]
-    u = [torch.cat([g.flatten() for g in grad]) / loss for grad, loss in zip(grads, losses)]
+    at = grads
+    if name == "mokd-representation":
+        at = [torch.autograd.grad(loss, features, retain_graph=True) for loss in losses]
+    u = [torch.cat([g.flatten() for g in grad]) / loss for grad, loss in zip(at, losses)]
     pi = ((u[1] - u[0]) @ u[1] / (u[0] - u[1]).square().sum()).clamp(0, 1)
     weights = (pi / losses[0], (1 - pi) / losses[1])
     scale = weights[0] + weights[1]
     return [(weights[0] * a + weights[1] * b) / scale for a, b in zip(*grads)]
 
 
-@pytest.mark.parametrize("name", ["kd", "mokd-exact"])
+@pytest.mark.parametrize("name", ["kd", "mokd-exact", "mokd-representation", "dot"])
 def test_two_sgd_steps_of_the_row_match_a_float64_reference(name):
     """θ₁ = θ₀ − η v₁, v₁ = d₀ + λθ₀; θ₂ = θ₁ − η v₂, v₂ = μ v₁ + d₁ + λθ₁ (torch's SGD) with the
-    row's direction d."""
+    row's direction d; DOT: v_ce ← (μ − Δ) v_ce + 0.1 ∇L_ce + λθ, v_kd ← (μ + Δ) v_kd + 0.9 ∇L_kl,
+    θ ← θ − η (v_ce + v_kd), each buffer the incoming gradient on its first step."""
     torch.manual_seed(0)
     student = make_cifar_model("resnet8x4")
     reference = copy.deepcopy(student).double()
@@ -145,13 +151,27 @@ def test_two_sgd_steps_of_the_row_match_a_float64_reference(name):
         output = student(inputs[step])
         update(objectives(output, inputs[step], labels[step], torch.arange(4)), output)
 
-    lr, momentum, decay = 0.05, 0.9, 5e-4
+    lr, momentum, decay, delta = 0.05, 0.9, 5e-4, 0.075
     params = list(reference.parameters())
-    velocity = None
+    velocity, task_velocity = None, None
     for step in range(2):
-        logits = reference(inputs[step].double()).logits
-        losses = reference_losses(logits, teacher.logits[step].double(), labels[step])
-        direction = reference_direction(name, losses, params)
+        output = reference(inputs[step].double())
+        losses = reference_losses(output.logits, teacher.logits[step].double(), labels[step])
+        if name == "dot":
+            kd, ce = (
+                torch.autograd.grad(w * loss, params, retain_graph=True)
+                for w, loss in zip((0.9, 0.1), losses)
+            )
+            with torch.no_grad():
+                ce = [g + decay * p for g, p in zip(ce, params)]
+                if velocity is not None:
+                    ce = [(momentum - delta) * v + g for v, g in zip(task_velocity, ce)]
+                    kd = [(momentum + delta) * v + g for v, g in zip(velocity, kd)]
+                velocity, task_velocity = list(kd), ce
+                for parameter, a, b in zip(params, velocity, task_velocity):
+                    parameter -= lr * (a + b)
+            continue
+        direction = reference_direction(name, losses, params, output.features)
         with torch.no_grad():
             change = [d + decay * p for d, p in zip(direction, params)]
             if velocity is not None:
