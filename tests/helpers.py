@@ -251,3 +251,19 @@ def two_task_min_norm(
     g1, g2 = (grad / value for grad, value in zip(grads, values))  # the 1/n of both means cancels
     pi = ((g2 - g1) @ g2 / (g1 - g2).square().sum()).clamp(0, 1).item()
     return pi, pi * g1 + (1 - pi) * g2, g1, g2
+
+
+def halves(problem: TeacherStudentProblem) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The problem's batch as two equal micro-batches: (inputs, teacher outputs, labels) each."""
+    cut = len(problem.inputs) // 2
+    return [
+        (problem.inputs[s], problem.teacher_outputs[s], problem.labels[s])
+        for s in (slice(None, cut), slice(cut, None))
+    ]
+
+
+def micro_losses(model: torch.nn.Module, part: tuple) -> list[torch.Tensor]:
+    """[MSE to the teacher's outputs, cross-entropy] of one micro-batch from :func:`halves`."""
+    inputs, targets, labels = part
+    outputs = model(inputs)
+    return [F.mse_loss(outputs, targets), F.cross_entropy(outputs, labels)]

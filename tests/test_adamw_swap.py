@@ -13,8 +13,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import TeacherStudentProblem
+from helpers import TeacherStudentProblem, halves, micro_losses
 from test_drop_in import SCHEDULERS
 
 from gradbalance import Balancer, BalancingOptions, MultiObjectiveOptimizer
@@ -288,20 +287,6 @@ def test_the_scheduler_warns_as_for_adamw(name, optimizer_steps_first):
 
 
 # -- 4. windows of micro-batches without attach ---------------------------------------------------
-
-
-def halves(problem):
-    cut = len(problem.inputs) // 2
-    return [
-        (problem.inputs[s], problem.teacher_outputs[s], problem.labels[s])
-        for s in (slice(None, cut), slice(cut, None))
-    ]
-
-
-def micro_losses(model, part):
-    inputs, teacher, labels = part
-    outputs = model(inputs)
-    return [F.mse_loss(outputs, teacher), F.cross_entropy(outputs, labels)]
 
 
 def grads(params):

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TeacherStudentProblem, assert_unchanged, snapshot
+from helpers import TeacherStudentProblem, assert_unchanged, halves, micro_losses, snapshot
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -50,21 +50,6 @@ def famo_direction(losses, params, weights):
 
 def flat_grad(params):
     return torch.cat([p.grad.reshape(-1) for p in params])
-
-
-def halves(problem):
-    """The problem's batch as two equal micro-batches: (inputs, teacher outputs, labels) each."""
-    cut = len(problem.inputs) // 2
-    return [
-        (problem.inputs[s], problem.teacher_outputs[s], problem.labels[s])
-        for s in (slice(None, cut), slice(cut, None))
-    ]
-
-
-def micro_losses(model, part):
-    inputs, targets, labels = part
-    outputs = model(inputs)
-    return [F.mse_loss(outputs, targets), F.cross_entropy(outputs, labels)]
 
 
 # -- 1. a tensor passed twice ---------------------------------------------------------------------

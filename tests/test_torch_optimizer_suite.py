@@ -92,6 +92,18 @@ def linear_loss(weight, bias, inputs):
     return (weight.mv(inputs) + bias).pow(2).sum()
 
 
+def linear_closure(optimizer, weight, bias, inputs):
+    """torch's closure of the direction tests: zero the gradients, backward of linear_loss."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = linear_loss(weight, bias, inputs)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def rosenbrock(tensor):
     x, y = tensor
     return (1 - x) ** 2 + 100 * (y - x**2) ** 2
@@ -159,11 +171,7 @@ def test_forloop_goes_right_direction(info, contiguous, with_lrsched):
             optimizer = info.optim_cls([weight, bias], **optim_input.kwargs)
             schedulers = [make(optimizer) for make in constructors or []]
 
-            def closure(optimizer=optimizer, weight=weight, bias=bias, inputs=inputs):
-                optimizer.zero_grad()
-                loss = linear_loss(weight, bias, inputs)
-                loss.backward()
-                return loss
+            closure = linear_closure(optimizer, weight, bias, inputs)
 
             initial = closure().item()
             for _ in range(20):
@@ -184,11 +192,7 @@ def test_param_group_with_lrscheduler_goes_right_direction(info):
         optimizer = info.optim_cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
         schedulers = [make(optimizer) for make in constructors]
 
-        def closure(optimizer=optimizer, weight=weight, bias=bias, inputs=inputs):
-            optimizer.zero_grad()
-            loss = linear_loss(weight, bias, inputs)
-            loss.backward()
-            return loss
+        closure = linear_closure(optimizer, weight, bias, inputs)
 
         initial = closure().item()
         for _ in range(20):
@@ -584,12 +588,7 @@ def test_save_load_equality_with_weights_only(info, is_named, check):
     for optim_input in all_inputs(DEVICE, torch.float32, info, skip=("differentiable",)):
         optimizer = info.optim_cls(named([weight, bias], is_named), **optim_input.kwargs)
 
-        def closure(optimizer=optimizer):
-            optimizer.zero_grad()
-            loss = linear_loss(weight, bias, inputs)
-            loss.backward()
-            return loss
-
+        closure = linear_closure(optimizer, weight, bias, inputs)
         for _ in range(3):
             optimizer.step(closure)
         state_dict = optimizer.state_dict()

@@ -33,7 +33,6 @@ from gradbalance.experiments.models import FeatureClassifier
 from gradbalance.experiments.plots import write_plots
 from gradbalance.experiments.report import history_document, summarize, write_json
 from gradbalance.experiments.teacher import (
-    TEACHER_SEED,
     load_or_train_teacher,
     teacher_schedule,
 )
@@ -174,20 +173,21 @@ def _select(config: DistillConfig, command: str) -> _Chosen:
         out=config.out / "selection",
     )
     scores = run_distill(study, f"{command} (selection)").results["methods"]
-    methods, record = list(config.methods), {}
+    chosen, record = {}, {}
     for slot, candidates in selections.items():
         errors = {name: scores[name]["errors_mean"] for name in candidates}
-        chosen = min(candidates, key=errors.__getitem__)  # min keeps the first of ties
-        methods[methods.index(slot)] = chosen
-        record[slot] = {"chosen": chosen, "validation_errors": errors}
-    chosen = {slot: entry["chosen"] for slot, entry in record.items()}
-    seeds_for = tuple((chosen.get(name, name), count) for name, count in config.seeds_for)
+        chosen[slot] = min(candidates, key=errors.__getitem__)  # min keeps the first of ties
+        record[slot] = {"chosen": chosen[slot], "validation_errors": errors}
     record.update(
         validation=preset.validation,
         seeds=preset.selection_seeds,
         results=str(study.out / "results.json"),
     )
-    return _Chosen(tuple(methods), seeds_for, record)
+    return _Chosen(
+        tuple(chosen.get(name, name) for name in config.methods),
+        tuple((chosen.get(name, name), count) for name, count in config.seeds_for),
+        record,
+    )
 
 
 def _teacher_cache(config: DistillConfig) -> Path:
@@ -200,7 +200,6 @@ def _teacher(config: DistillConfig, splits: Splits) -> tuple[FeatureClassifier, 
     spec = dataset(config.dataset)
     network = spec.teachers[config.teacher]
     if config.teacher_checkpoint is not None:
-        torch.manual_seed(TEACHER_SEED)
         teacher = make_teacher(
             config.dataset, splits.input_shape, splits.num_classes, config.teacher
         )
